@@ -1,0 +1,530 @@
+"""
+SLAM-ASR (Ma et al. 2024, arXiv 2402.08846): a frozen speech encoder (HuBERT) and a frozen chat LLM
+(TinyLlama) bridged by a small trainable adapter. The adapter's output is spliced into a prompt template,
+and only the adapter learns, so that the LLM emits the transcript.
+
+Read top to bottom: config -> adapters -> waveform to speech embeddings -> splice into the prompt ->
+loss / generation -> adapter save and load -> tiny offline backbones -> FLOP count.
+Nothing here knows about files of audio or datasets; that is data.py.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers.utils import ModelOutput
+
+SPEECH_PLACEHOLDER = "<speech>"
+TINY = "tiny"  # name of the built-in tiny random backbones, usable for `encoder` and/or `llm`
+CONFIG_NAME = "slam_asr_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+
+# TinyLlama-1.1B-Chat's own chat format (Zephyr style); `</s>` is its EOS token, as the chat template writes it.
+DEFAULT_PROMPT_TEMPLATE = (
+    "<|system|>\nYou are a speech recognizer. Reply with the exact transcript of the audio.</s>\n"
+    "<|user|>\nTranscribe this audio: <speech></s>\n<|assistant|>\n"
+)
+
+
+@dataclass
+class SlamASRConfig:
+    encoder: str = "facebook/hubert-large-ls960-ft"  # hub name or local path of the speech encoder, or "tiny"
+    llm: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"  # hub name or local path of the causal LM, or "tiny"
+    adapter: str = "linear"  # "linear": frame stacking + MLP (the paper's projector); "conv": strided Conv1d + MLP
+    downsample: int = 5  # encoder frames per speech embedding (HuBERT's 50 Hz -> 10 Hz at 5)
+    adapter_hidden: int = 2048  # width of the adapter's hidden layer
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # exactly one <speech>; the transcript follows the template
+
+    def __post_init__(self):
+        # Checked here, before any download, so that a typo costs a second and not a 5 GB fetch.
+        count = self.prompt_template.count(SPEECH_PLACEHOLDER)
+        if count != 1:
+            raise ValueError(
+                f"prompt_template must contain exactly one {SPEECH_PLACEHOLDER} placeholder, found {count}: "
+                f"{self.prompt_template!r}"
+            )
+        if self.adapter not in ("linear", "conv"):
+            raise ValueError(f"adapter must be 'linear' or 'conv', got {self.adapter!r}")
+        if not isinstance(self.downsample, int) or self.downsample < 1:
+            raise ValueError(f"downsample must be an integer >= 1, got {self.downsample!r}")
+        if not isinstance(self.adapter_hidden, int) or self.adapter_hidden < 1:
+            raise ValueError(f"adapter_hidden must be an integer >= 1, got {self.adapter_hidden!r}")
+
+    def to_json_string(self):
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, values, source="config"):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown SlamASRConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); it should hold a SlamASRConfig") from None
+        return cls.from_dict(values, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapters: (B, T, d_enc) encoder frames, T a multiple of `downsample` -> (B, T / downsample, d_llm)
+
+
+class LinearAdapter(nn.Module):
+    """The paper's projector: concatenate `downsample` consecutive frames, then Linear -> ReLU -> Linear."""
+
+    def __init__(self, d_encoder, d_llm, downsample, hidden):
+        super().__init__()
+        self.downsample = downsample
+        self.proj = nn.Sequential(nn.Linear(d_encoder * downsample, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
+
+    def forward(self, frames):
+        B, T, D = frames.shape
+        stacked = frames.reshape(B, T // self.downsample, D * self.downsample)  # (B, T/k, k*d_enc)
+        return self.proj(stacked)  # (B, T/k, d_llm)
+
+
+class ConvAdapter(nn.Module):
+    """Conv1d(kernel k, stride k) -> ReLU -> Linear -> ReLU -> Linear."""
+
+    def __init__(self, d_encoder, d_llm, downsample, hidden):
+        super().__init__()
+        self.conv = nn.Conv1d(d_encoder, hidden, kernel_size=downsample, stride=downsample)
+        self.proj = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
+
+    def forward(self, frames):
+        x = self.conv(frames.transpose(1, 2))  # (B, d_enc, T) -> (B, hidden, T/k)
+        return self.proj(x.transpose(1, 2))  # (B, T/k, d_llm)
+
+
+ADAPTERS = {"linear": LinearAdapter, "conv": ConvAdapter}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch preparation shared by the model's own entry points and data.py's collator
+
+
+def prepare_audio(feature_extractor, audios):
+    """List of 1-D float arrays at the encoder's rate -> (input_values (B, N) zero-padded, audio_lengths (B,))."""
+    # The attention mask is always asked for so that normalization sees each clip's own samples, never the
+    # padding; whether the encoder itself gets a mask is the model's business (see SlamASR.encode).
+    features = feature_extractor(
+        [a for a in audios],
+        sampling_rate=feature_extractor.sampling_rate,
+        padding=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return features["input_values"].float(), features["attention_mask"].sum(dim=1)
+
+
+def prepare_labels(tokenizer, texts, max_target_tokens=None):
+    """Transcripts -> (labels (B, T) of token ids + EOS padded with -100, number of transcripts truncated)."""
+    eos = tokenizer.eos_token_id
+    rows, truncated = [], 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_target_tokens is not None and len(ids) + 1 > max_target_tokens:
+            ids, truncated = ids[: max_target_tokens - 1], truncated + 1
+        rows.append(ids + [eos])  # the EOS is a target: without it the model never learns to stop
+    labels = torch.full((len(rows), max(len(r) for r in rows)), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, : len(row)] = torch.tensor(row)
+    return labels, truncated
+
+
+@dataclass
+class SlamASROutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None  # supervised tokens (transcript + EOS) the loss averages over
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class SlamASR(nn.Module):
+    # Trainer must not rescale our loss by its own label count: the loss is already a token mean.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config, encoder, llm, tokenizer, feature_extractor):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        # Group-norm HuBERT (base) was trained on zero-padded audio without a mask; layer-norm HuBERT (large)
+        # needs one. The feature extractor's config says which, as Hugging Face documents.
+        self.encoder_takes_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+        # The naive reference in bench.py turns this off to price the LM head over every position.
+        self.head_on_targets_only = True
+
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        d_encoder = encoder.config.hidden_size
+        d_llm = llm.config.hidden_size
+        # float32 master weights whatever the backbones' dtype; autocast handles mixed precision
+        self.adapter = ADAPTERS[config.adapter](d_encoder, d_llm, config.downsample, config.adapter_hidden).float()
+
+        prefix, suffix = config.prompt_template.split(SPEECH_PLACEHOLDER)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.register_buffer(
+            "prefix_ids", torch.tensor(bos + tokenizer(prefix, add_special_tokens=False)["input_ids"]), persistent=False
+        )
+        self.register_buffer(
+            "suffix_ids", torch.tensor(tokenizer(suffix, add_special_tokens=False)["input_ids"], dtype=torch.long),
+            persistent=False,
+        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.train(False)
+
+    @classmethod
+    def from_backbones(cls, config, encoder, llm, tokenizer, feature_extractor):
+        return cls(config, encoder, llm, tokenizer, feature_extractor)
+
+    @classmethod
+    def from_config(cls, config, torch_dtype=None, trust_remote_code=False):
+        """Loads the backbones named in `config` (hub names or local paths; "tiny" for the built-in ones)."""
+        encoder, llm, tokenizer, feature_extractor = load_backbones(config, torch_dtype, trust_remote_code)
+        return cls(config, encoder, llm, tokenizer, feature_extractor)
+
+    def train(self, mode=True):
+        super().train(mode)
+        # Frozen parts stay in eval mode: dropout, LayerDrop and SpecAugment there would only add noise
+        # (and make two identical training steps disagree).
+        self.encoder.eval()
+        self.llm.eval()
+        return self
+
+    @property
+    def device(self):
+        return self.prefix_ids.device
+
+    @property
+    def sampling_rate(self):
+        return self.feature_extractor.sampling_rate
+
+    # --- waveform -> speech embeddings ------------------------------------------------------------------
+
+    def speech_lengths(self, audio_lengths):
+        """Exact number of speech embeddings per clip, from its true number of samples."""
+        frame_lengths = self.encoder._get_feat_extract_output_lengths(audio_lengths)
+        return -(-frame_lengths // self.config.downsample)  # ceil: a partial last group is padded, not dropped
+
+    def encode(self, input_values, audio_lengths):
+        """(B, N) zero-padded audio -> (encoder frames (B, T, d_enc), frame_lengths (B,))."""
+        frame_lengths = self.encoder._get_feat_extract_output_lengths(audio_lengths)
+        dtype = next(self.encoder.parameters()).dtype
+        mask = None
+        if self.encoder_takes_mask:
+            mask = (torch.arange(input_values.shape[1], device=input_values.device)[None] < audio_lengths[:, None])
+            mask = mask.long()
+        with torch.no_grad():
+            frames = self.encoder(input_values.to(dtype), attention_mask=mask).last_hidden_state  # (B, T, d_enc)
+        return frames, frame_lengths
+
+    def adapt(self, frames, frame_lengths):
+        """Encoder frames (B, T, d_enc) -> (speech_embeds (B, S, d_llm), speech_lengths (B,))."""
+        k = self.config.downsample
+        T = frames.shape[1]
+        # Zero the frames past each clip's end, then pad T to a multiple of k: a clip's last, partial group
+        # then holds the same values in a padded batch as alone.
+        valid = torch.arange(T, device=frames.device)[None] < frame_lengths[:, None]  # (B, T)
+        frames = frames.float().masked_fill(~valid[..., None], 0.0)
+        frames = F.pad(frames, (0, 0, 0, (-T) % k))  # (B, ceil(T/k)*k, d_enc)
+        speech_embeds = self.adapter(frames)  # (B, S = ceil(T/k), d_llm)
+        return speech_embeds, -(-frame_lengths // k)
+
+    # --- splice: [prefix] [speech] [suffix] [transcript + EOS] -------------------------------------------
+
+    def splice(self, speech_embeds, speech_lengths, labels=None, left_pad=False):
+        """Builds the LLM's input around the speech embeddings.
+
+        speech_embeds (B, S, d_llm), speech_lengths (B,); labels (B, T) transcript + EOS ids padded with -100,
+        or None to build generation prompts. Returns inputs_embeds (B, L, d_llm), attention_mask (B, L) and
+        targets (B, L): the label of each position, -100 everywhere but transcript + EOS.
+        Right-padded for training; left-padded (left_pad=True) for generation so every prompt ends at L.
+        """
+        B, device = speech_embeds.shape[0], speech_embeds.device
+        P, Q = len(self.prefix_ids), len(self.suffix_ids)
+        if labels is None:
+            labels = torch.full((B, 0), -100, dtype=torch.long, device=device)
+        target_lengths = (labels != -100).sum(dim=1)
+        lengths = P + speech_lengths + Q + target_lengths  # (B,)
+        L = int(lengths.max())
+        shift = (L - lengths) if left_pad else torch.zeros_like(lengths)
+        pos = torch.arange(L, device=device)[None] - shift[:, None]  # (B, L) position within each sequence
+        after = pos - (P + speech_lengths)[:, None]  # position within the suffix + transcript tail
+
+        # token ids at every text position (speech positions are overwritten below)
+        tail = torch.cat([self.suffix_ids.expand(B, Q), labels.masked_fill(labels == -100, self.pad_id)], dim=1)
+        ids = torch.where(
+            (after >= 0) & (after < Q + target_lengths[:, None]),
+            tail.gather(1, after.clamp(0, tail.shape[1] - 1)),
+            self.prefix_ids[pos.clamp(0, P - 1)] if P else torch.full_like(pos, self.pad_id),
+        )
+        ids = ids.masked_fill((pos < 0) | (pos >= lengths[:, None]), self.pad_id)
+        inputs_embeds = self.llm.get_input_embeddings()(ids)  # (B, L, d_llm)
+
+        is_speech = (pos >= P) & (after < 0)  # (B, L)
+        speech_valid = torch.arange(speech_embeds.shape[1], device=device)[None] < speech_lengths[:, None]
+        inputs_embeds = inputs_embeds.masked_scatter(
+            is_speech[..., None], speech_embeds[speech_valid].to(inputs_embeds.dtype)  # (sum S, d_llm)
+        )
+        attention_mask = ((pos >= 0) & (pos < lengths[:, None])).long()
+        targets = torch.where((after >= Q) & (after < Q + target_lengths[:, None]), ids, -100)
+        return inputs_embeds, attention_mask, targets
+
+    # --- loss ----------------------------------------------------------------------------------------------
+
+    def forward(self, input_values=None, audio_lengths=None, labels=None, encoder_frames=None, frame_lengths=None):
+        """Mean token loss over transcript + EOS. Takes raw audio (input_values, audio_lengths) or cached
+        encoder output (encoder_frames, frame_lengths), and labels as made by `prepare_labels`."""
+        if encoder_frames is None:
+            encoder_frames, frame_lengths = self.encode(input_values, audio_lengths)
+        speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
+        inputs_embeds, attention_mask, targets = self.splice(speech_embeds, speech_lengths, labels)
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        next_targets = targets[:, 1:]  # position t predicts token t+1
+        lm_head = self.llm.get_output_embeddings()
+        if self.head_on_targets_only:
+            # Only positions followed by a label go through the LM head: at a 32k vocabulary the (B, L, V)
+            # logits over prompt and speech positions would cost more memory than the rest of the step.
+            predicts = next_targets != -100  # (B, L-1)
+            logits = lm_head(hidden[:, :-1][predicts])  # (N, V)
+            loss = F.cross_entropy(logits.float(), next_targets[predicts])
+        else:
+            logits = lm_head(hidden[:, :-1])  # (B, L-1, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), next_targets.flatten(), ignore_index=-100)
+        return SlamASROutput(loss=loss, num_tokens=(next_targets != -100).sum())
+
+    def loss(self, audios, texts):
+        """Mean token loss of transcripts `texts` given `audios` (1-D float arrays at the encoder's rate)."""
+        input_values, audio_lengths = prepare_audio(self.feature_extractor, audios)
+        labels, _ = prepare_labels(self.tokenizer, texts)
+        return self(input_values.to(self.device), audio_lengths.to(self.device), labels.to(self.device)).loss
+
+    # --- generation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def transcribe(self, audios, batch_size=8, max_new_tokens=200, num_beams=1):
+        """Transcribes 1-D float arrays at the encoder's rate; greedy by default, stops at EOS, uses the KV cache.
+        Clips are batched by length (left-padded prompts); the output keeps the input order."""
+        order = sorted(range(len(audios)), key=lambda i: len(audios[i]), reverse=True)
+        texts = [None] * len(audios)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            input_values, audio_lengths = prepare_audio(self.feature_extractor, [audios[i] for i in chunk])
+            for i, text in zip(chunk, self.generate(input_values.to(self.device), audio_lengths.to(self.device),
+                                                    max_new_tokens=max_new_tokens, num_beams=num_beams)):
+                texts[i] = text
+        return texts
+
+    @torch.no_grad()
+    def generate(self, input_values=None, audio_lengths=None, encoder_frames=None, frame_lengths=None,
+                 max_new_tokens=200, num_beams=1):
+        """One padded batch -> list of transcripts."""
+        if encoder_frames is None:
+            encoder_frames, frame_lengths = self.encode(input_values, audio_lengths)
+        speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
+        inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, left_pad=True)
+        out = self.llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+        )  # (B, new tokens): with inputs_embeds only, generate returns just the continuation
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # --- adapter save / load ------------------------------------------------------------------------------
+
+    def save_adapter(self, directory):
+        """Writes the config (JSON) and the adapter's weights (safetensors); nothing of the frozen backbones."""
+        os.makedirs(directory, exist_ok=True)
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
+        # write under temporary names, then rename, so a kill mid-save never leaves a torn file in place
+        for name, write in (
+            (WEIGHTS_NAME, lambda p: save_file(weights, p, metadata={"format": "pt", "adapter": self.config.adapter})),
+            (CONFIG_NAME, lambda p: open(p, "w", encoding="utf-8").write(self.config.to_json_string())),
+        ):
+            path = os.path.join(directory, name)
+            write(path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    @classmethod
+    def load_adapter(cls, directory, encoder=None, llm=None, tokenizer=None, feature_extractor=None,
+                     torch_dtype=None, trust_remote_code=False):
+        """Rebuilds a SlamASR from an adapter directory: the backbones named in its config unless given,
+        and the adapter loaded strictly (every tensor present, no extra, same shapes)."""
+        config_path = os.path.join(directory, CONFIG_NAME)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
+                    "as written by SlamASR.save_adapter or finetune.py (its output_dir or a checkpoint-N in it)"
+                )
+        config = SlamASRConfig.from_json_file(config_path)
+        try:
+            weights = load_file(weights_path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); it may be truncated") from None
+
+        if encoder is None or llm is None or tokenizer is None or feature_extractor is None:
+            loaded = load_backbones(config, torch_dtype, trust_remote_code)
+            encoder, llm, tokenizer, feature_extractor = (
+                given if given is not None else default
+                for given, default in zip((encoder, llm, tokenizer, feature_extractor), loaded)
+            )
+        model = cls(config, encoder, llm, tokenizer, feature_extractor)
+        expected = model.adapter.state_dict()
+        problems = [f"missing {k}" for k in sorted(set(expected) - set(weights))]
+        problems += [f"unexpected {k}" for k in sorted(set(weights) - set(expected))]
+        problems += [
+            f"{k}: file has {tuple(weights[k].shape)}, model expects {tuple(v.shape)}"
+            for k, v in expected.items() if k in weights and weights[k].shape != v.shape
+        ]
+        if problems:
+            raise ValueError(
+                f"{weights_path} does not fit a {config.adapter} adapter between encoder {config.encoder!r} "
+                f"(d={encoder.config.hidden_size}) and llm {config.llm!r} (d={llm.config.hidden_size}) with "
+                f"downsample={config.downsample}, adapter_hidden={config.adapter_hidden}: " + "; ".join(problems)
+            )
+        model.adapter.load_state_dict(weights, strict=True)
+        return model
+
+    # --- cost ----------------------------------------------------------------------------------------------
+
+    def flops_per_step(self, audio_seconds, speech_tokens, text_tokens, target_tokens, train_encoder=True):
+        """Model FLOPs of one training step (forward + backward), nanoGPT style: 2 FLOPs per multiply-add per
+        parameter per token, forward; backward through the LLM costs 2x its forward (activation gradients
+        are needed to reach the adapter, weight gradients of frozen layers are not: 1x), adapter 3x.
+        Attention score FLOPs are added for the LLM. `train_encoder=False` leaves out the encoder's forward
+        (feature cache)."""
+        enc = self.encoder.config
+        llm = self.llm.config
+        frames = audio_seconds * self.sampling_rate / math.prod(enc.conv_stride)
+        enc_params = sum(p.numel() for n, p in self.encoder.named_parameters() if "feature_extractor" not in n)
+        # the conv front end: out_len * out_ch * in_ch * kernel multiply-adds per layer
+        conv_flops, length, in_ch = 0.0, audio_seconds * self.sampling_rate, 1
+        for out_ch, kernel, stride in zip(enc.conv_dim, enc.conv_kernel, enc.conv_stride):
+            length = length / stride
+            conv_flops += 2 * length * out_ch * in_ch * kernel
+            in_ch = out_ch
+        encoder_flops = (2 * enc_params * frames + conv_flops) if train_encoder else 0.0
+        adapter_flops = 3 * 2 * sum(p.numel() for p in self.adapter.parameters()) * speech_tokens
+        tokens = speech_tokens + text_tokens + target_tokens
+        body = sum(p.numel() for n, p in self.llm.get_decoder().named_parameters() if "embed" not in n)
+        llm_forward = 2 * body * tokens
+        head_tokens = target_tokens if self.head_on_targets_only else tokens
+        head_forward = 2 * llm.hidden_size * llm.vocab_size * head_tokens
+        return encoder_flops + adapter_flops + 2 * (llm_forward + head_forward)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backbones
+
+
+def load_backbones(config, torch_dtype=None, trust_remote_code=False):
+    """(encoder, llm, tokenizer, feature_extractor) for the names in `config`; "tiny" builds them offline."""
+    from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tiny = tiny_backbones() if TINY in (config.encoder, config.llm) else None
+
+    def load(what, name, fn, **kwargs):
+        try:
+            return fn(name, trust_remote_code=trust_remote_code, **kwargs)
+        except OSError as e:
+            raise OSError(
+                f"could not load the {what} {name!r} ({e}). If this machine is offline, download it where there is "
+                f"a network (`hf download {name}`) and pass its local folder instead, or point HF_HOME at a cache "
+                "that holds it."
+            ) from None
+
+    if config.encoder == TINY:
+        encoder, feature_extractor = tiny[0], tiny[3]
+    else:
+        encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained, dtype=torch_dtype)
+        feature_extractor = load("feature extractor", config.encoder, AutoFeatureExtractor.from_pretrained)
+    if config.llm == TINY:
+        llm, tokenizer = tiny[1], tiny[2]
+    else:
+        llm = load("LLM", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch_dtype)
+        tokenizer = load("tokenizer", config.llm, AutoTokenizer.from_pretrained)
+    if torch_dtype is not None:
+        encoder, llm = encoder.to(torch_dtype), llm.to(torch_dtype)
+    return encoder, llm, tokenizer, feature_extractor
+
+
+# Text the tiny tokenizer's BPE merges are learned from: common English, LibriSpeech-like words, chat markup.
+_TINY_TOKENIZER_TEXT = """
+the of and to a in that he was it his is with as i had for at by on not be she you but her from which they
+him this all were have my one so are said their what there we if me would when no been who out an more up
+into them then could do some now over see about time only any very man upon or its than our will two little
+great made before well like down should after such good long old must say these way first where day through
+ship sailed dawn opened book walked home rain voice quiet dog ran across field letter came late sat warm fire
+father liked sea children sang song looked dark sky took road door left open wind blew night found small boat
+read news aloud garden full light mother house water hand eyes life world heart thought place face room
+<|system|> <|user|> <|assistant|> you are a speech recognizer reply with the exact transcript of audio
+transcribe this audio
+"""
+
+
+def tiny_backbones(seed=0):
+    """A tiny random HubertModel, a tiny random LlamaForCausalLM, a byte-level BPE tokenizer trained offline
+    and a feature extractor: deterministic for a seed, built in about a second, for tests, demos and benchmarks.
+
+    The LLM's init is deliberately larger than the usual std 0.02: at that scale a tiny random transformer
+    passes almost no signal from the speech positions to the transcript positions, and no adapter can then
+    fit anything through it (measured: width 64 / std 0.02 stuck at loss 5.6, width 128 / std 0.1 down to 0.06).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                              Wav2Vec2FeatureExtractor)
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        _TINY_TOKENIZER_TEXT.split("\n"),
+        trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                            show_progress=False),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = HubertModel(HubertConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+            feat_extract_norm="layer", do_stable_layer_norm=True,  # like hubert-large: takes an attention mask
+        ))
+        llm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, initializer_range=0.1,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        ))
+    feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                 do_normalize=True, return_attention_mask=True)
+    return encoder.eval(), llm.eval(), tokenizer, feature_extractor

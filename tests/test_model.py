@@ -1,0 +1,236 @@
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_model, overfit
+
+from model import (CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, WEIGHTS_NAME, SlamASR, SlamASRConfig, prepare_audio,
+                   prepare_labels, tiny_backbones)
+
+
+# --- config -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt_template="no placeholder here"),
+    dict(prompt_template="<speech> twice <speech>"),
+    dict(adapter="transformer"),
+    dict(downsample=0),
+    dict(adapter_hidden=0),
+])
+def test_bad_config_fails_fast(bad):
+    with pytest.raises(ValueError):
+        SlamASRConfig(**bad)
+
+
+def test_config_json_round_trip(tmp_path):
+    config = SlamASRConfig(adapter="conv", downsample=3, prompt_template="USER: <speech>\nASSISTANT:")
+    path = tmp_path / "c.json"
+    path.write_text(config.to_json_string())
+    assert SlamASRConfig.from_json_file(path) == config
+    assert SlamASRConfig().prompt_template == DEFAULT_PROMPT_TEMPLATE
+    path.write_text(json.dumps({"adaptor": "linear"}))
+    with pytest.raises(ValueError, match="adaptor"):
+        SlamASRConfig.from_json_file(path)
+
+
+def test_tiny_backbones_are_deterministic():
+    a, b = tiny_backbones(seed=3), tiny_backbones(seed=3)
+    for x, y in zip(a[1].parameters(), b[1].parameters()):
+        assert torch.equal(x, y)
+    assert a[2]("the ship")["input_ids"] == b[2]("the ship")["input_ids"]
+    assert not torch.equal(next(tiny_backbones(seed=4)[1].parameters()), next(a[1].parameters()))
+
+
+# --- freezing -----------------------------------------------------------------------------------------------
+
+def test_only_the_adapter_trains():
+    model = make_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
+    model.train()
+    assert model.adapter.training
+    assert not model.encoder.training and not model.llm.training
+    assert not any(m.training for m in model.encoder.modules())
+    assert not any(m.training for m in model.llm.modules())
+
+
+def test_train_mode_is_deterministic(train_clips):
+    # tiny HuBERT has SpecAugment (mask_time_min_masks=2) and dropout; the frozen parts must not apply them
+    audios, texts = train_clips
+    model = make_model().train()
+    assert model.encoder.config.mask_time_prob > 0
+    with torch.no_grad():
+        assert model.loss(audios[:2], texts[:2]).item() == model.loss(audios[:2], texts[:2]).item()
+
+
+def test_frozen_weights_unchanged_after_steps(train_clips):
+    audios, texts = train_clips
+    model = make_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("adapter.")}
+    adapter_before = {n: p.detach().clone() for n, p in model.adapter.named_parameters()}
+    # an optimizer over *all* parameters, with weight decay: still only the adapter may move
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        loss = model.loss(audios[:2], texts[:2])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, adapter_before[n]) for n, p in model.adapter.named_parameters())
+
+
+def test_encoder_gets_mask_only_when_feature_extractor_says_so(train_clips):
+    audios, _ = train_clips
+    seen = []
+    for takes_mask in (True, False):
+        encoder, llm, tokenizer, fe = tiny_backbones()
+        fe.return_attention_mask = takes_mask
+        model = SlamASR.from_backbones(SlamASRConfig(encoder="tiny", llm="tiny"), encoder, llm, tokenizer, fe)
+        forward = model.encoder.forward
+        model.encoder.forward = lambda *a, **kw: (seen.append(kw.get("attention_mask")), forward(*a, **kw))[1]
+        model.encode(*prepare_audio(fe, audios[:2]))
+    assert seen[0] is not None and seen[1] is None
+
+
+# --- lengths, splice and labels -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adapter", ["linear", "conv"])
+@pytest.mark.parametrize("downsample", [1, 3, 5])
+def test_speech_length_is_exact(adapter, downsample):
+    model = make_model(adapter=adapter, downsample=downsample)
+    for n in [400, 401, 3200, 16000, 16321, 23999]:
+        audio = torch.randn(n).numpy()
+        frames, frame_lengths = model.encode(*prepare_audio(model.feature_extractor, [audio]))
+        assert frames.shape[1] == frame_lengths.item()  # no padding: every frame is real
+        embeds, lengths = model.adapt(frames, frame_lengths)
+        expected = -(-frame_lengths.item() // downsample)  # trailing frames padded into one more embedding
+        assert embeds.shape[1] == lengths.item() == expected
+        assert model.speech_lengths(torch.tensor([n])).item() == expected
+
+
+def test_labels_cover_transcript_and_eos_only(train_clips):
+    audios, texts = train_clips
+    model = make_model()
+    tok = model.tokenizer
+    batch_texts = ["the ship", "a much longer transcript than the first one"]
+    input_values, audio_lengths = prepare_audio(model.feature_extractor, audios[:2])
+    labels, _ = prepare_labels(tok, batch_texts)
+    frames, frame_lengths = model.encode(input_values, audio_lengths)
+    embeds, speech_lengths = model.adapt(frames, frame_lengths)
+    _, attention_mask, targets = model.splice(embeds, speech_lengths, labels)
+    P, Q = len(model.prefix_ids), len(model.suffix_ids)
+    for i, text in enumerate(batch_texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        start = P + speech_lengths[i].item() + Q
+        assert targets[i, start:start + len(ids)].tolist() == ids
+        assert (targets[i, :start] == -100).all() and (targets[i, start + len(ids):] == -100).all()
+        assert attention_mask[i].sum().item() == start + len(ids)  # padding is masked and never a target
+    assert (targets[attention_mask == 0] == -100).all()
+
+
+def test_truncation_keeps_eos():
+    _, _, tok, _ = tiny_backbones()
+    labels, truncated = prepare_labels(tok, ["the ship sailed at dawn", "a"], max_target_tokens=3)
+    assert truncated == 1
+    assert labels.shape[1] == 3 and labels[0, -1].item() == tok.eos_token_id
+
+
+# --- padding invariance -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adapter", ["linear", "conv"])
+def test_padded_batch_matches_singles(train_clips, adapter):
+    audios, texts = train_clips
+    audios, texts = audios[:4], texts[:4]
+    assert len({len(a) for a in audios}) == 4  # really different lengths, so padding happens
+    model = make_model(adapter=adapter).train()
+
+    def sum_loss_and_grads(a, t):
+        model.zero_grad()
+        input_values, audio_lengths = prepare_audio(model.feature_extractor, a)
+        out = model(input_values, audio_lengths, prepare_labels(model.tokenizer, t)[0])
+        (out.loss * out.num_tokens).backward()  # summed token loss: adds up exactly across clips
+        return (out.loss * out.num_tokens).item(), [p.grad.clone() for p in model.adapter.parameters()]
+
+    batch_loss, batch_grads = sum_loss_and_grads(audios, texts)
+    singles = [sum_loss_and_grads([a], [t]) for a, t in zip(audios, texts)]
+    assert batch_loss == pytest.approx(sum(s[0] for s in singles), rel=1e-4)
+    for i, g in enumerate(batch_grads):
+        torch.testing.assert_close(g, sum(s[1][i] for s in singles), rtol=1e-3, atol=1e-5)
+
+
+def test_head_on_targets_only_gives_the_same_loss(train_clips):
+    audios, texts = train_clips
+    model = make_model()
+    with torch.no_grad():
+        fast = model.loss(audios[:3], texts[:3])
+        model.head_on_targets_only = False
+        full = model.loss(audios[:3], texts[:3])
+    torch.testing.assert_close(fast, full)
+
+
+def test_batched_greedy_equals_one_at_a_time(trained_model, train_clips):
+    audios, texts = train_clips
+    batched = trained_model.transcribe(audios, batch_size=8, max_new_tokens=12)
+    singles = [trained_model.transcribe([a], max_new_tokens=12)[0] for a in audios]
+    assert batched == singles
+    assert batched[:4] == texts[:4]  # learnt clips come back verbatim and stop at EOS
+    # an untrained adapter gives junk, but the same junk batched and alone
+    fresh = make_model(seed=1)
+    assert fresh.transcribe(audios[:5], batch_size=5, max_new_tokens=6) == [
+        fresh.transcribe([a], max_new_tokens=6)[0] for a in audios[:5]]
+
+
+def test_beam_search_runs(trained_model, train_clips):
+    audios, texts = train_clips
+    assert trained_model.transcribe(audios[:2], num_beams=3, max_new_tokens=12) == texts[:2]
+
+
+# --- learning -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("adapter", ["linear", "conv"])
+def test_overfits_one_batch(train_clips, adapter):
+    audios, texts = train_clips
+    losses = overfit(make_model(adapter=adapter), audios[:4], texts[:4], steps=40)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --- save / load --------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(trained_model, train_clips, tmp_path):
+    audios, _ = train_clips
+    trained_model.save_adapter(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    from safetensors.torch import load_file
+    assert set(load_file(tmp_path / WEIGHTS_NAME)) == set(trained_model.adapter.state_dict())
+    loaded = SlamASR.load_adapter(tmp_path)  # backbones rebuilt by name ("tiny")
+    for a, b in zip(loaded.adapter.parameters(), trained_model.adapter.parameters()):
+        assert torch.equal(a, b)
+    assert loaded.transcribe(audios, max_new_tokens=12) == trained_model.transcribe(audios, max_new_tokens=12)
+
+
+def test_truncated_adapter_fails_loudly(trained_model, tmp_path):
+    trained_model.save_adapter(tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=WEIGHTS_NAME):
+        SlamASR.load_adapter(tmp_path)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        SlamASR.load_adapter(tmp_path)
+
+
+def test_mismatched_adapter_names_what_differs(trained_model, tmp_path):
+    trained_model.save_adapter(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["downsample"] = 3  # the weights were made for 5
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"proj\.0\.weight: file has \(256, 320\), model expects \(256, 192\)"):
+        SlamASR.load_adapter(tmp_path)
+    config["downsample"], config["adapter"] = 5, "conv"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing conv.weight"):
+        SlamASR.load_adapter(tmp_path)
