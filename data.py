@@ -1,0 +1,353 @@
+"""
+Audio and transcripts: reading, resampling, normalizing, indexing the three sources (the hub copy of
+LibriSpeech, a LibriSpeech folder, a JSON-lines manifest), filtering, and batching.
+
+Every source becomes a list of records {id, audio, text, duration}; `audio` is a file path, or a row of
+the hub dataset. Problems found while indexing are counted per reason in a `DataReport`; a clip that fails
+while a batch is loaded is replaced by the next good one and counted, so a long run never dies on one bad
+file (`strict=True` makes either an immediate error).
+"""
+
+import io
+import json
+import logging
+import os
+import re
+import unicodedata
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from tqdm.auto import tqdm
+
+from model import prepare_audio, prepare_labels
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000  # HuBERT's; every clip is resampled to the encoder's rate, which is this for all HuBERTs
+MIN_AUDIO_SAMPLES = 400  # HuBERT's conv front end sees 400 samples (25 ms) per frame: shorter clips give none
+MAX_REPLACEMENTS = 16  # consecutive bad clips tolerated while loading before the data is declared broken
+
+
+class DataError(ValueError):
+    """A clip or an index entry that cannot be used, with the file and the reason."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text: one normalizer for training targets and WER scoring
+
+
+def normalize_transcript(text, lowercase=True):
+    """Unicode NFKC, control characters dropped, whitespace collapsed; LibriSpeech's upper case lowered."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(c if unicodedata.category(c)[0] != "C" else " " for c in text)
+    text = " ".join(text.split())
+    return text.lower() if lowercase else text
+
+
+def normalize_for_wer(text):
+    """The training normalization, lower-cased, with punctuation other than apostrophes removed."""
+    text = normalize_transcript(text, lowercase=True)
+    return " ".join(re.sub(r"[^\w\s']", " ", text).split())
+
+
+def word_error_rate(references, hypotheses):
+    """Corpus WER after `normalize_for_wer`: {wer, substitutions, deletions, insertions, words}."""
+    import jiwer
+
+    refs = [normalize_for_wer(r) for r in references]
+    hyps = [normalize_for_wer(h) for h in hypotheses]
+    # jiwer refuses empty references; every word hypothesized for one is an insertion
+    insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
+    pairs = [(r, h) for r, h in zip(refs, hyps) if r]
+    counts = dict(substitutions=0, deletions=0, insertions=insertions, words=0)
+    if pairs:
+        out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
+        counts["substitutions"] += out.substitutions
+        counts["deletions"] += out.deletions
+        counts["insertions"] += out.insertions
+        counts["words"] = out.hits + out.substitutions + out.deletions
+    errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
+    counts["wer"] = errors / max(counts["words"], 1)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audio
+
+
+def read_audio(source, sampling_rate=SAMPLE_RATE):
+    """A file path or bytes -> 1-D float32 at `sampling_rate` (mixed to mono, resampled).
+    Raises DataError for unreadable, empty, too short or non-finite audio."""
+    name = source if isinstance(source, (str, Path)) else "<bytes>"
+    try:
+        data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
+                             always_2d=True)  # (samples, channels); integer formats scaled to [-1, 1]
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"{name}: cannot read audio ({e})") from None
+    audio = data.mean(axis=1)  # (samples,)
+    if not np.isfinite(audio).all():
+        raise DataError(f"{name}: audio contains NaN or Inf samples")
+    if rate != sampling_rate and len(audio):
+        audio = soxr.resample(audio, rate, sampling_rate).astype(np.float32)
+    if len(audio) < MIN_AUDIO_SAMPLES * sampling_rate // SAMPLE_RATE:
+        raise DataError(f"{name}: audio too short ({len(audio)} samples at {sampling_rate} Hz; the encoder needs "
+                        f"at least {MIN_AUDIO_SAMPLES * sampling_rate // SAMPLE_RATE})")
+    return audio
+
+
+def audio_duration(source):
+    """Seconds, from the file header alone (no decoding)."""
+    info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+    return info.frames / info.samplerate
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Indexing: the three sources -> records
+
+
+class DataReport:
+    """What was dropped while indexing, per reason, with the first few examples of each."""
+
+    def __init__(self, name):
+        self.name = name
+        self.counts = Counter()
+        self.examples = {}
+
+    def add(self, reason, example):
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(str(example))
+
+    def log(self, strict=False):
+        if not self.counts:
+            logger.info(f"{self.name}: nothing dropped")
+            return
+        lines = [f"{self.name}: dropped {sum(self.counts.values())} entries"]
+        for reason, n in self.counts.most_common():
+            lines.append(f"  {n:7d}  {reason}  (e.g. {'; '.join(self.examples[reason])})")
+        message = "\n".join(lines)
+        if strict:
+            raise DataError(message + "\n(--strict_data is on: fix these or drop --strict_data to skip them)")
+        logger.warning(message)
+
+
+def index_librispeech(root, splits, report):
+    """Records from `<root>/<split>/<speaker>/<chapter>/` folders (openslr layout); `splits` comma-separated."""
+    root = Path(root)
+    records = []
+    for split in [s.strip() for s in splits.split(",") if s.strip()]:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise FileNotFoundError(f"{split_dir} not found: --librispeech_dir should hold LibriSpeech split folders "
+                                    f"such as train-clean-100; found {found}")
+        for chapter in sorted(p for p in split_dir.glob("*/*") if p.is_dir()):
+            trans = chapter / f"{chapter.parent.name}-{chapter.name}.trans.txt"
+            flacs = sorted(chapter.glob("*.flac"))
+            if not trans.is_file():
+                for flac in flacs:
+                    report.add("no .trans.txt in its chapter folder", flac)
+                continue
+            listed = set()
+            for lineno, line in enumerate(trans.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                utt, _, text = line.strip().partition(" ")
+                if not re.fullmatch(r"\d+-\d+-\d+", utt):
+                    report.add("malformed .trans.txt line", f"{trans}:{lineno}")
+                    continue
+                listed.add(utt)
+                records.append(dict(id=utt, audio=str(chapter / f"{utt}.flac"), text=text))
+            for flac in flacs:
+                if flac.stem not in listed:
+                    report.add("audio without a transcript line", flac)
+    return records
+
+
+def read_manifest(path, report, require_text=True):
+    """Records from a JSON-lines manifest: {"audio": path (relative to the manifest), "text": ...}, optional
+    "id" and "duration"."""
+    base = Path(path).parent
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                report.add("manifest line is not JSON", where)
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("audio"), str) or (
+                require_text and not isinstance(entry.get("text"), str)
+            ):
+                report.add('manifest line lacks a string "audio"' + (' or "text"' if require_text else ""), where)
+                continue
+            audio = str(base / entry["audio"])
+            record = dict(id=str(entry.get("id", entry["audio"])), audio=audio, text=entry.get("text", ""))
+            if isinstance(entry.get("duration"), (int, float)):
+                record["duration"] = float(entry["duration"])
+            records.append(record)
+    return records
+
+
+def load_hub_librispeech(name, config, split, streaming=False, cache_dir=None):
+    """The hub copy of LibriSpeech (no loading script), with audio left undecoded: we decode with soundfile."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, streaming=streaming, cache_dir=cache_dir)
+    except Exception as e:  # datasets raises many types for "not reachable"; say what to do in every case
+        raise OSError(f"could not load the dataset {name!r} (config {config!r}, split {split!r}): {e}. Offline? "
+                      "Use --librispeech_dir with a local LibriSpeech folder, or --train_manifest.") from None
+    return dataset.cast_column("audio", datasets.Audio(decode=False))
+
+
+def records_from_hub(dataset, report, num_proc=None):
+    """Records from a (non-streaming) `datasets.Dataset` with LibriSpeech's hub schema (id, audio, text).
+    Durations come from each clip's header, computed once and cached by `datasets`."""
+    import datasets
+
+    if isinstance(dataset.features["audio"], datasets.Audio) and dataset.features["audio"].decode:
+        dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
+
+    def header(batch):
+        durations = []
+        for audio in batch["audio"]:
+            try:
+                durations.append(audio_duration(audio["bytes"] if audio.get("bytes") else audio["path"]))
+            except Exception:
+                durations.append(-1.0)  # unreadable: reported below
+        return {"duration": durations}
+
+    durations = dataset.map(header, batched=True, num_proc=num_proc, desc="reading audio headers",
+                            input_columns=None, remove_columns=dataset.column_names)["duration"]
+    records = []
+    for row, (utt, text, duration) in enumerate(zip(dataset["id"], dataset["text"], durations)):
+        if duration < 0:
+            report.add("unreadable audio", utt)
+            continue
+        records.append(dict(id=utt, audio=row, text=text, duration=duration))
+    return records, dataset
+
+
+def add_durations(records, report, num_workers=8):
+    """Fills each record's duration from its file header (threads: header reads are I/O bound)."""
+    todo = [r for r in records if "duration" not in r]
+
+    def probe(record):
+        try:
+            return audio_duration(record["audio"])
+        except Exception as e:
+            return e
+
+    with ThreadPoolExecutor(num_workers) as pool:
+        results = list(tqdm(pool.map(probe, todo), total=len(todo), desc="reading audio headers", disable=not todo))
+    for record, result in zip(todo, results):
+        if isinstance(result, Exception):
+            reason = "missing audio file" if not os.path.exists(record["audio"]) else "unreadable audio"
+            report.add(reason, record["audio"])
+            record["duration"] = None
+        else:
+            record["duration"] = result
+    return [r for r in records if r["duration"] is not None]
+
+
+def filter_records(records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True):
+    """Normalizes transcripts and drops empty ones and clips outside [min_duration, max_duration] seconds."""
+    kept = []
+    min_duration = max(min_duration, MIN_AUDIO_SAMPLES / SAMPLE_RATE)
+    for r in records:
+        text = normalize_transcript(r["text"], lowercase)
+        if not text:
+            report.add("empty transcript", r["id"])
+        elif r["duration"] < min_duration:
+            report.add(f"shorter than {min_duration:g} s", r["id"])
+        elif r["duration"] > max_duration:
+            report.add(f"longer than --max_duration {max_duration:g} s", r["id"])
+        else:
+            kept.append({**r, "text": text})
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and batching
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Records -> samples {id, audio (1-D float32), text, skipped}. A clip that fails to load is replaced by
+    the next good one, with a warning; `skipped` carries (id, reason) of the clips it replaced so that the
+    trainer counts them, DataLoader workers included."""
+
+    def __init__(self, records, sampling_rate=SAMPLE_RATE, hub_dataset=None, strict=False):
+        self.records = records
+        self.sampling_rate = sampling_rate
+        self.hub_dataset = hub_dataset
+        self.strict = strict
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def durations(self):
+        return [r["duration"] for r in self.records]
+
+    def load(self, record):
+        source = record["audio"]
+        if isinstance(source, int):  # a row of the hub dataset
+            audio = self.hub_dataset[source]["audio"]
+            source = audio["bytes"] or audio["path"]
+        elif not os.path.exists(source):
+            raise DataError(f"{source}: missing audio file")
+        return read_audio(source, self.sampling_rate)
+
+    def __getitem__(self, index):
+        skipped = []
+        for attempt in range(MAX_REPLACEMENTS):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                audio = self.load(record)
+            except DataError as e:
+                if self.strict:
+                    raise DataError(f"{e} (--strict_data is on)") from None
+                logger.warning(f"skipping {record['id']}: {e}")
+                skipped.append((record["id"], str(e)))
+                continue
+            return dict(id=record["id"], audio=audio, text=record["text"], skipped=skipped)
+        raise DataError(f"{MAX_REPLACEMENTS} consecutive clips failed to load, the last: {skipped[-1][1]}. "
+                        "The data is broken beyond skipping; check the paths and files.")
+
+
+class SpeechCollator:
+    """Samples -> what SlamASR.forward takes (input_values, audio_lengths, labels), plus `data_stats`
+    (skipped and truncated counts) that the trainer pops before the forward."""
+
+    def __init__(self, feature_extractor, tokenizer, max_target_tokens=None):
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.max_target_tokens = max_target_tokens
+
+    def __call__(self, samples):
+        input_values, audio_lengths = prepare_audio(self.feature_extractor, [s["audio"] for s in samples])
+        labels, truncated = prepare_labels(self.tokenizer, [s["text"] for s in samples], self.max_target_tokens)
+        skipped = [item for s in samples for item in s["skipped"]]
+        return dict(input_values=input_values, audio_lengths=audio_lengths, labels=labels,
+                    data_stats=dict(skipped=skipped, truncated=truncated))
+
+
+def build_dataset(name, records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True,
+                  hub_dataset=None, strict=False, sampling_rate=SAMPLE_RATE):
+    """Durations, filters, report, dataset: the steps every source goes through after indexing."""
+    records = add_durations(records, report)
+    records = filter_records(records, report, min_duration, max_duration, lowercase)
+    report.log(strict)
+    if not records:
+        raise DataError(f"{name}: no usable clips left after filtering (see the report above)")
+    return SpeechDataset(records, sampling_rate, hub_dataset=hub_dataset, strict=strict)

@@ -1,0 +1,403 @@
+"""
+Trains the SLAM-ASR adapter (frozen HuBERT + frozen LLM) on LibriSpeech or a manifest with Hugging Face
+Trainer. Runs under `python`, `accelerate launch` (one GPU, multi-GPU, multi-node, DeepSpeed) and `torchrun`.
+
+    accelerate launch finetune.py --librispeech_dir /data/LibriSpeech --train_split train-clean-100 \
+        --eval_split dev-clean --output_dir out --fp16 ...          (see script.sh for the full recipe)
+    python finetune.py --encoder tiny --llm tiny --librispeech_dir tests/fixtures/LibriSpeech \
+        --output_dir out --use_cpu --max_steps 20                   (offline pipeline check, seconds on CPU)
+
+Every argument can also come from a JSON or YAML file: `python finetune.py args.json`.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+import data
+from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig
+
+logger = logging.getLogger("finetune")
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is a torn write
+
+
+@dataclass
+class ModelArguments:
+    encoder: str = field(default=SlamASRConfig.encoder,
+                         metadata={"help": "Speech encoder: hub name, local folder, or 'tiny' (random, offline)."})
+    llm: str = field(default=SlamASRConfig.llm,
+                     metadata={"help": "Causal LM: hub name, local folder, or 'tiny' (random, offline)."})
+    adapter: str = field(default="linear", metadata={"help": "Adapter kind.", "choices": ["linear", "conv"]})
+    downsample: int = field(default=5, metadata={"help": "Encoder frames per speech embedding."})
+    adapter_hidden: int = field(default=2048, metadata={"help": "Hidden width of the adapter."})
+    prompt_template: str = field(default=DEFAULT_PROMPT_TEMPLATE,
+                                 metadata={"help": "LLM prompt with exactly one <speech>; the transcript follows it."})
+    trust_remote_code: bool = field(default=False,
+                                    metadata={"help": "Allow backbones whose hub repo ships its own code."})
+
+
+@dataclass
+class DataArguments:
+    librispeech_dir: str | None = field(default=None, metadata={
+        "help": "Local LibriSpeech root holding split folders (openslr layout)."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Hub dataset with LibriSpeech's schema, e.g. openslr/librispeech_asr."})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "Config of --dataset_name: clean, other or all."})
+    train_split: str = field(default="train-clean-100", metadata={
+        "help": "Training split: comma-separated folder names with --librispeech_dir (train-clean-100,"
+                "train-clean-360); a split name with --dataset_name (train.clean.100+train.clean.360)."})
+    eval_split: str | None = field(default="dev-clean", metadata={
+        "help": "Evaluation split, named like --train_split; empty for none."})
+    train_manifest: str | None = field(default=None, metadata={
+        "help": 'JSON-lines training manifest: {"audio": path, "text": ...} per line (paths relative to it).'})
+    eval_manifest: str | None = field(default=None, metadata={"help": "JSON-lines evaluation manifest."})
+    max_eval_samples: int | None = field(default=200, metadata={
+        "help": "Clips of the eval split used for eval loss and WER (all if unset)."})
+    max_new_tokens: int = field(default=200, metadata={"help": "Generation limit per clip for eval WER."})
+    min_duration: float = field(default=0.5, metadata={"help": "Drop clips shorter than this (seconds)."})
+    max_duration: float = field(default=30.0, metadata={"help": "Drop clips longer than this (seconds)."})
+    max_target_tokens: int = field(default=256, metadata={
+        "help": "Truncate transcripts to this many tokens (EOS included); truncations are counted."})
+    lowercase: bool = field(default=True, metadata={"help": "Lower-case transcripts (LibriSpeech is upper case)."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Batch clips of similar duration together (less padding)."})
+    strict_data: bool = field(default=False, metadata={
+        "help": "Stop on the first bad clip or index entry instead of skipping and counting it."})
+    max_nonfinite_steps: int = field(default=25, metadata={
+        "help": "Stop after this many consecutive steps with a NaN/Inf loss (each one is skipped)."})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer: the library's, with adapter-only checkpoints, generation-based WER and a few guards
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save a checkpoint, stop."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor(float(self.received is not None), device=args.device)
+        if args.world_size > 1:  # every rank must stop at the same step, or the save's collectives hang
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            self.received = self.received or "signal on another rank"
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class SlamASRTrainer(Trainer):
+    def __init__(self, *args, wer_dataset=None, max_new_tokens=200, num_beams=1, max_nonfinite_steps=25,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wer_dataset = wer_dataset
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.data_counts = {"skipped": 0, "truncated": 0, "nonfinite_steps": 0}
+        self.consecutive_nonfinite = 0
+
+    # --- data bookkeeping and non-finite steps -------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        stats = inputs.pop("data_stats")
+        if model.training:
+            self.data_counts["skipped"] += len(stats["skipped"])
+            self.data_counts["truncated"] += stats["truncated"]
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.scaler is not None:
+            return loss  # fp16: the grad scaler already skips overflowing steps
+        bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
+        if self.args.world_size > 1:  # all ranks skip together, or DDP replicas drift apart
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bad.item():
+            self.consecutive_nonfinite = 0
+            return loss
+        # Dropping the gradients makes the optimizer skip every parameter (no moment update, no decay).
+        for p in model.parameters():
+            p.grad = None
+        self.data_counts["nonfinite_steps"] += 1
+        self.consecutive_nonfinite += 1
+        logger.warning(f"step {self.state.global_step}: non-finite loss, step skipped "
+                       f"({self.data_counts['nonfinite_steps']} so far)")
+        if self.consecutive_nonfinite >= self.max_nonfinite_steps:
+            raise NonFiniteTraining(
+                f"{self.consecutive_nonfinite} consecutive steps had a NaN/Inf loss; stopping. The last checkpoint "
+                f"in {self.args.output_dir} is intact. Try a lower --learning_rate, bf16 instead of fp16, or "
+                "--strict_data to find a bad clip.")
+        return torch.zeros_like(loss)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy == "group_by_length":
+            # durations are the lengths: grouping by them is what cuts the padding
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.durations)
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy == "group_by_length":
+            return LengthGroupedSampler(self.args.eval_batch_size, lengths=eval_dataset.durations)
+        return super()._get_eval_sampler(eval_dataset)
+
+    # --- adapter-only checkpoints --------------------------------------------------------------------------
+
+    def _save(self, output_dir=None, state_dict=None):
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.model).save_adapter(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk before the marker
+        if self.args.should_save:
+            path = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(path, COMPLETE_MARKER + ".tmp"), "w") as f:
+                json.dump({"global_step": self.state.global_step}, f)
+            os.replace(os.path.join(path, COMPLETE_MARKER + ".tmp"), os.path.join(path, COMPLETE_MARKER))
+
+    def _load_adapter_weights(self, directory):
+        model = self.accelerator.unwrap_model(self.model)
+        loaded = SlamASR.load_adapter(directory, model.encoder, model.llm, model.tokenizer, model.feature_extractor)
+        model.adapter.load_state_dict(loaded.adapter.state_dict(), strict=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self._load_adapter_weights(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        self._load_adapter_weights(self.state.best_model_checkpoint)
+
+    # --- evaluation: loss from Trainer, WER from real generation ---------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.wer_dataset is not None:
+            wer = {f"{metric_key_prefix}_{k}": v for k, v in self.generate_and_score().items()}
+            self.log(wer)
+            metrics.update(wer)
+        return metrics
+
+    def generate_and_score(self):
+        """Transcribes the WER clips (sharded over ranks), writes predictions, returns WER and counts."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        rank, world = self.args.process_index, self.args.world_size
+        rows, failed = [], []
+        records = self.wer_dataset.records[rank::world]
+        batch_size = self.args.per_device_eval_batch_size
+        for start in tqdm(range(0, len(records), batch_size), desc="eval WER",
+                               disable=not self.is_world_process_zero()):
+            batch, audios = [], []
+            for record in records[start:start + batch_size]:
+                try:
+                    audios.append(self.wer_dataset.load(record))
+                    batch.append(record)
+                except data.DataError as e:
+                    failed.append((record["id"], str(e)))
+            if audios:
+                hyps = model.transcribe(audios, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
+                                        num_beams=self.num_beams)
+                rows += [dict(id=r["id"], reference=r["text"], hypothesis=h) for r, h in zip(batch, hyps)]
+        model.train(was_training)
+        rows = gather_object(rows) if world > 1 else rows
+        failed = gather_object(failed) if world > 1 else failed
+        scores = data.word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+        if self.args.should_save:
+            path = os.path.join(self.args.output_dir, f"predictions_step{self.state.global_step}.jsonl")
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                for row in sorted(rows, key=lambda r: r["id"]):
+                    f.write(json.dumps(row) + "\n")
+            if failed:
+                logger.warning(f"eval WER: {len(failed)} clips could not be read and were left out, e.g. {failed[0]}")
+        return {"wer": scores["wer"], "wer_substitutions": scores["substitutions"],
+                "wer_deletions": scores["deletions"], "wer_insertions": scores["insertions"]}
+
+
+class NonFiniteTraining(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_is_complete(path):
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
+
+
+def find_checkpoints(output_dir):
+    """(complete, torn) checkpoint folders of output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return [], []
+    names = [n for n in os.listdir(output_dir) if n.startswith(PREFIX_CHECKPOINT_DIR + "-")
+             and n.split("-")[-1].isdigit()]
+    paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
+    return [p for p in paths if checkpoint_is_complete(p)], [p for p in paths if not checkpoint_is_complete(p)]
+
+
+def resolve_resume(training_args):
+    """--resume_from_checkpoint PATH or `last`; refuses torn checkpoints and silently mixed runs."""
+    complete, torn = find_checkpoints(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        if complete:
+            raise ValueError(f"{training_args.output_dir} already holds {os.path.basename(complete[-1])}: pass "
+                             "--resume_from_checkpoint last to continue that run, or choose another --output_dir")
+        return None
+    if resume in ("last", "true", "True"):
+        if not complete:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {training_args.output_dir}")
+        resume = complete[-1]
+    elif not checkpoint_is_complete(resume):
+        raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_MARKER}: the run was killed while "
+                         "saving it, or it is not a checkpoint folder); resume from an earlier one")
+    if torn and training_args.should_save:
+        for path in torn:  # half-written by a killed run; left in place they would be rotated in as if good
+            logger.warning(f"removing incomplete checkpoint {path}")
+            shutil.rmtree(path)
+    return resume
+
+
+def load_split(data_args, split, manifest, sampling_rate, what, max_samples=None):
+    """One dataset from whichever source the arguments name."""
+    report = data.DataReport(f"{what} data")
+    hub_dataset = None
+    if manifest:
+        records = data.read_manifest(manifest, report)
+    elif data_args.librispeech_dir:
+        records = data.index_librispeech(data_args.librispeech_dir, split, report)
+    elif data_args.dataset_name:
+        hub = data.load_hub_librispeech(data_args.dataset_name, data_args.dataset_config, split)
+        records, hub_dataset = data.records_from_hub(hub, report)
+    else:
+        raise ValueError("no data: pass --librispeech_dir, --dataset_name or --train_manifest")
+    if max_samples is not None:
+        records = records[:max_samples]
+    return data.build_dataset(what, records, report, data_args.min_duration, data_args.max_duration,
+                              data_args.lowercase, hub_dataset, data_args.strict_data, sampling_rate)
+
+
+def main(argv=None):
+    # 1. Arguments: our dataclasses and Seq2SeqTrainingArguments, from the command line or a JSON/YAML file
+    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    # defaults this model needs (each still overridable where it makes sense)
+    parser.set_defaults(output_dir="output", report_to="tensorboard", learning_rate=1e-4, warmup_steps=1000,
+                        lr_scheduler_type="linear", eval_strategy="steps", eval_steps=1000, save_steps=1000,
+                        save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
+                        do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
+                        prediction_loss_only=True, dataloader_num_workers=4)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        file_parse = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        model_args, data_args, training_args = file_parse(os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    for name in ("generation_max_length", "generation_config"):
+        if getattr(training_args, name) is not None:
+            raise ValueError(f"--{name} is not used by finetune.py: set --max_new_tokens and --generation_num_beams")
+    if training_args.sortish_sampler:
+        raise ValueError("--sortish_sampler is not used by finetune.py: use --group_by_length")
+    if training_args.remove_unused_columns:
+        raise ValueError("--remove_unused_columns must stay False: the collator's batch is what the model takes")
+    if data_args.group_by_length:
+        training_args.train_sampling_strategy = "group_by_length"
+    no_eval = not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval
+    if no_eval:
+        training_args.eval_strategy = "no"
+        training_args.do_eval = False
+
+    # 2. Logging, on the main process only at full volume
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    for lg in (logger, data.logger):
+        lg.setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.set_seed(training_args.seed)
+
+    # 3. Resume, or refuse to mix runs
+    resume = resolve_resume(training_args)
+
+    # 4. Model: frozen backbones in half precision when training in it; the adapter stays float32
+    config = SlamASRConfig(model_args.encoder, model_args.llm, model_args.adapter, model_args.downsample,
+                           model_args.adapter_hidden, model_args.prompt_template)
+    dtype = torch.float16 if training_args.fp16 else torch.bfloat16 if training_args.bf16 else None
+    with training_args.main_process_first(desc="loading backbones"):  # one download, the others read the cache
+        model = SlamASR.from_config(config, torch_dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+
+    # 5. Data
+    with training_args.main_process_first(desc="indexing data"):
+        train_dataset = load_split(data_args, data_args.train_split, data_args.train_manifest, model.sampling_rate,
+                                   "train")
+        eval_dataset = None
+        if not no_eval:
+            eval_dataset = load_split(data_args, data_args.eval_split, data_args.eval_manifest, model.sampling_rate,
+                                      "eval", data_args.max_eval_samples)
+    collator = data.SpeechCollator(model.feature_extractor, model.tokenizer, data_args.max_target_tokens)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    hours = lambda ds: sum(ds.durations) / 3600 if ds is not None else 0.0  # noqa: E731
+    logger.info(f"parameters: {trainable:,} trainable (adapter), {frozen:,} frozen (encoder + LLM)")
+    logger.info(f"train: {len(train_dataset):,} clips, {hours(train_dataset):.2f} h"
+                + (f"; eval: {len(eval_dataset):,} clips, {hours(eval_dataset):.2f} h" if eval_dataset else ""))
+
+    # 6. Train
+    stop = StopOnSignal()
+    trainer = SlamASRTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=collator, callbacks=[stop],
+        wer_dataset=eval_dataset if training_args.predict_with_generate else None,
+        max_new_tokens=data_args.max_new_tokens, num_beams=training_args.generation_num_beams or 1,
+        max_nonfinite_steps=data_args.max_nonfinite_steps,
+    )
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteTraining as e:
+        logger.error(str(e))
+        return 1
+    counts = trainer.data_counts
+    logger.info(f"data: {counts['skipped']} clips skipped while loading, {counts['truncated']} transcripts "
+                f"truncated to {data_args.max_target_tokens} tokens, {counts['nonfinite_steps']} non-finite steps")
+    if stop.received:
+        logger.warning(f"stopped by {stop.received} at step {trainer.state.global_step}; checkpoint saved. Resume "
+                       f"with the same command plus --resume_from_checkpoint last")
+        return 128 + (signal.SIGINT if stop.received == "SIGINT" else signal.SIGTERM)
+
+    # 7. Save the adapter at the top of output_dir, then a final evaluation
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    logger.info(f"adapter saved to {training_args.output_dir} (load it with SlamASR.load_adapter)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
