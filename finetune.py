@@ -89,8 +89,7 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -103,6 +102,10 @@ class StopOnSignal(TrainerCallback):
             self.received = self.received or "signal on another rank"
             control.should_save = True
             control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class SlamASRTrainer(Trainer):
@@ -331,10 +334,13 @@ def main(argv=None):
     # 2. Logging, on the main process only at full volume
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
-    level = training_args.get_process_log_level()
+    # our own summaries at INFO on the main process; transformers' chatter only when --log_level asks for it
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    if training_args.log_level != "passive":
+        level = training_args.get_process_log_level()
+        transformers.utils.logging.set_verbosity(level)
     for lg in (logger, data.logger):
         lg.setLevel(level)
-    transformers.utils.logging.set_verbosity(level)
     transformers.set_seed(training_args.seed)
 
     # 3. Resume, or refuse to mix runs

@@ -1,0 +1,182 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import FIXTURE
+
+import data
+from model import tiny_backbones
+
+CLIP = FIXTURE / "test-clean" / "3001" / "4001" / "3001-4001-0000.flac"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    audio, rate = sf.read(CLIP, dtype="float32")
+    assert rate == data.SAMPLE_RATE
+    return audio
+
+
+# --- sources ------------------------------------------------------------------------------------------------
+
+def test_librispeech_folder():
+    report = data.DataReport("t")
+    records = data.index_librispeech(FIXTURE, "test-clean,dev-clean", report)
+    assert len(records) == 8 and not report.counts
+    first = records[0]
+    assert first["id"] == "3001-4001-0000" and first["text"] == "THE WIND BLEW ALL NIGHT"
+    dataset = data.build_dataset("t", records, report)
+    sample = dataset[0]
+    assert sample["text"] == "the wind blew all night" and sample["skipped"] == []
+    assert abs(dataset.durations[0] - len(sample["audio"]) / data.SAMPLE_RATE) < 1e-3
+    with pytest.raises(FileNotFoundError, match="train-other-500"):
+        data.index_librispeech(FIXTURE, "train-other-500", report)
+
+
+def test_hub_schema_built_locally(clip):
+    import datasets
+    rows = []
+    for trans in sorted((FIXTURE / "dev-clean").glob("*/*/*.trans.txt")):
+        for line in trans.read_text().splitlines():
+            utt, text = line.split(" ", 1)
+            path = trans.parent / f"{utt}.flac"
+            speaker, chapter, _ = utt.split("-")
+            rows.append(dict(file=str(path), audio={"bytes": path.read_bytes(), "path": path.name}, text=text,
+                             speaker_id=int(speaker), chapter_id=int(chapter), id=utt))
+    hub = datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio(decode=False))
+    report = data.DataReport("hub")
+    records, hub = data.records_from_hub(hub, report)
+    assert [r["id"] for r in records] == [r["id"] for r in rows]
+    dataset = data.build_dataset("hub", records, report, hub_dataset=hub)
+    audio, _ = sf.read(rows[2]["file"], dtype="float32")
+    np.testing.assert_array_equal(dataset[2]["audio"], audio)
+    assert dataset[2]["text"] == rows[2]["text"].lower()
+
+
+def test_manifest_and_malformed_lines(tmp_path, clip):
+    sf.write(tmp_path / "a.wav", clip, 16000)
+    lines = [json.dumps({"audio": "a.wav", "text": "Hello  World"}), "{not json", json.dumps({"text": "no audio"}),
+             json.dumps({"audio": "a.wav", "text": 5}), "", json.dumps({"audio": "a.wav", "text": "x", "id": "u2"})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    report = data.DataReport("m")
+    records = data.read_manifest(tmp_path / "m.jsonl", report)
+    assert [r["id"] for r in records] == ["a.wav", "u2"]
+    assert report.counts == {"manifest line is not JSON": 1, 'manifest line lacks a string "audio" or "text"': 2}
+    assert data.build_dataset("m", records, report)[0]["text"] == "hello world"
+
+
+# --- audio --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+@pytest.mark.parametrize("subtype", ["PCM_16", "DOUBLE"])
+def test_resampling_and_stereo(tmp_path, clip, rate, subtype):
+    import soxr
+    resampled = soxr.resample(clip, 16000, rate)
+    stereo = np.stack([resampled, 0.5 * resampled], axis=1)
+    sf.write(tmp_path / "s.wav", stereo, rate, subtype=subtype)
+    audio = data.read_audio(str(tmp_path / "s.wav"))
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - len(clip)) <= 2
+    n = min(len(audio), len(clip))
+    target = 0.75 * clip[:n]  # the mean of the two channels
+    if rate >= 16000:  # 8 kHz loses the upper band; the rest must match closely
+        assert np.corrcoef(audio[:n], target)[0, 1] > 0.99
+    assert abs(data.audio_duration(str(tmp_path / "s.wav")) - len(clip) / 16000) < 1e-3
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: None, "cannot read"),  # missing
+    (lambda p: p.write_bytes(CLIP.read_bytes()[:300]), "cannot read"),  # truncated flac
+    (lambda p: p.write_text("this is not audio"), "cannot read"),
+    (lambda p: sf.write(p, np.zeros(0, np.float32), 16000, format="WAV"), "too short"),
+    (lambda p: sf.write(p, np.zeros(200, np.float32), 16000, format="WAV"), "too short"),
+    (lambda p: sf.write(p, np.array([0.1, np.nan] * 4000, np.float32), 16000, format="WAV", subtype="FLOAT"),
+     "NaN or Inf"),
+])
+def test_bad_audio_is_a_clear_error(tmp_path, make, reason):
+    path = tmp_path / "bad.flac"
+    make(path)
+    with pytest.raises(data.DataError, match=reason) as e:
+        data.read_audio(str(path))
+    assert "bad.flac" in str(e.value)
+
+
+# --- text and filters ---------------------------------------------------------------------------------------
+
+def test_normalizer_shared_by_targets_and_wer():
+    assert data.normalize_transcript("  HELLO,\tWorld\u0007 ") == "hello, world"
+    assert data.normalize_transcript("MIXED Case", lowercase=False) == "MIXED Case"
+    assert data.normalize_for_wer("Don't  STOP, now!") == "don't stop now"
+    scores = data.word_error_rate(["the cat sat", "a b", "   "], ["the cat sat down", "a", "x y"])
+    assert (scores["substitutions"], scores["deletions"], scores["insertions"], scores["words"]) == (0, 1, 3, 5)
+    assert scores["wer"] == pytest.approx(4 / 5)
+
+
+def test_filters_count_what_they_drop():
+    records = [dict(id=str(i), audio="x", text=t, duration=d) for i, (t, d) in enumerate(
+        [("ok", 3.0), ("", 3.0), ("   \t", 3.0), ("short", 0.2), ("long", 40.0), ("café ✓ 日本", 2.0)])]
+    report = data.DataReport("f")
+    kept = data.filter_records(records, report, min_duration=0.5, max_duration=30.0)
+    assert [r["id"] for r in kept] == ["0", "5"]
+    assert report.counts == {"empty transcript": 2, "shorter than 0.5 s": 1, "longer than --max_duration 30 s": 1}
+    with pytest.raises(data.DataError, match="strict_data"):
+        report.log(strict=True)
+
+
+def test_odd_characters_tokenize_and_train():
+    _, _, tokenizer, fe = tiny_backbones()
+    collator = data.SpeechCollator(fe, tokenizer)
+    batch = collator([dict(audio=np.ones(4000, np.float32), text="café ✓ 日本 ½", skipped=[])])
+    assert (batch["labels"] != -100).sum() > 5
+
+
+def test_librispeech_folder_problems(tmp_path):
+    root = tmp_path / "LibriSpeech"
+    shutil.copytree(FIXTURE / "dev-clean", root / "dev-clean")
+    (root / "dev-clean/2001/3001/2001-3001.trans.txt").unlink()  # missing transcript file
+    trans = root / "dev-clean/2002/3002/2002-3002.trans.txt"
+    trans.write_text(trans.read_text() + "garbage line without an id\n2002-3002-0009 NO SUCH FILE\n")
+    report = data.DataReport("ls")
+    records = data.index_librispeech(root, "dev-clean", report)
+    kept = data.add_durations(records, report)
+    assert [r["id"] for r in kept] == ["2002-3002-0000", "2002-3002-0001"]
+    assert report.counts == {"no .trans.txt in its chapter folder": 2, "malformed .trans.txt line": 1,
+                             "missing audio file": 1}
+
+
+# --- loading with bad clips, collator -------------------------------------------------------------------------
+
+def test_bad_clip_is_replaced_and_counted(tmp_path, clip):
+    sf.write(tmp_path / "good.wav", clip, 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    records = [dict(id="broken", audio=str(tmp_path / "broken.wav"), text="a", duration=1.0),
+               dict(id="gone", audio=str(tmp_path / "gone.wav"), text="b", duration=1.0),
+               dict(id="good", audio=str(tmp_path / "good.wav"), text="c", duration=1.0)]
+    dataset = data.SpeechDataset(records)
+    sample = dataset[0]
+    assert sample["id"] == "good"
+    assert [s[0] for s in sample["skipped"]] == ["broken", "gone"]
+    assert "missing audio file" in sample["skipped"][1][1]
+    with pytest.raises(data.DataError, match="broken.wav"):
+        data.SpeechDataset(records, strict=True)[0]
+    with pytest.raises(data.DataError, match="consecutive"):
+        data.SpeechDataset(records[:2])[0]
+
+
+def test_collator_shapes_and_masks(clip):
+    _, _, tokenizer, fe = tiny_backbones()
+    samples = [dict(audio=clip[:8000], text="the ship", skipped=[("x", "bad")]),
+               dict(audio=clip, text="she opened the old book", skipped=[])]
+    short = tokenizer("the ship", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    batch = data.SpeechCollator(fe, tokenizer, max_target_tokens=len(short))(samples)
+    assert batch["input_values"].shape == (2, len(clip))
+    assert batch["audio_lengths"].tolist() == [8000, len(clip)]
+    assert (batch["input_values"][0, 8000:] == 0).all()
+    assert batch["labels"][0].tolist() == short  # fits exactly: not truncated
+    assert batch["labels"].shape[1] == len(short)
+    assert batch["labels"][1, -1] == tokenizer.eos_token_id  # truncated, EOS kept
+    assert batch["data_stats"] == {"skipped": [("x", "bad")], "truncated": 1}
+    assert torch.isfinite(batch["input_values"]).all()

@@ -1,0 +1,155 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import FIXTURE, ROOT
+from safetensors.torch import load_file
+
+import finetune
+from model import CONFIG_NAME, WEIGHTS_NAME, SlamASR
+
+
+def tiny_args(out, *extra, steps=8):
+    return ["--encoder", "tiny", "--llm", "tiny", "--adapter_hidden", "256", "--librispeech_dir", str(FIXTURE),
+            "--output_dir", str(out), "--use_cpu", "--max_steps", str(steps), "--per_device_train_batch_size", "4",
+            "--learning_rate", "3e-3", "--warmup_steps", "0", "--eval_steps", "4", "--save_steps", "4",
+            "--logging_steps", "2", "--max_new_tokens", "8", "--dataloader_num_workers", "0", "--seed", "7",
+            *extra]
+
+
+def adapter_weights(path):
+    return load_file(os.path.join(path, WEIGHTS_NAME))
+
+
+def test_end_to_end_tiny_run(tmp_path):
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--group_by_length")) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    # adapter-only output, at the top and in each checkpoint
+    for d in (out, out / "checkpoint-4", out / "checkpoint-8"):
+        assert (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file()
+        assert all(k.split(".")[0] in ("proj", "conv") for k in adapter_weights(d))
+        assert not any(f.endswith((".bin", "model.safetensors")) for f in os.listdir(d))
+        assert (d / WEIGHTS_NAME).stat().st_size < 2_000_000
+    assert (out / "checkpoint-8" / finetune.COMPLETE_MARKER).is_file()
+    # predictions and a WER scalar in TensorBoard
+    rows = [json.loads(line) for line in (out / "predictions_step8.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and set(rows[0]) == {"id", "reference", "hypothesis"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = [os.path.join(r, f) for r, _, fs in os.walk(out / "runs") for f in fs if "tfevents" in f]
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    for tag in ("eval/wer", "eval/loss", "train/loss", "train/learning_rate", "train/grad_norm"):
+        assert tag in acc.Tags()["scalars"], acc.Tags()["scalars"]
+    model = SlamASR.load_adapter(out)
+    assert torch.equal(model.adapter.proj[0].weight, adapter_weights(out)["proj.0.weight"])
+
+
+def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--eval_split", "", steps=4)) == 0
+    with pytest.raises(ValueError, match="resume_from_checkpoint last"):
+        finetune.main(tiny_args(out, "--eval_split", "", steps=4))
+    torn = out / "checkpoint-6"
+    torn.mkdir()
+    (torn / WEIGHTS_NAME).write_bytes(b"half")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", str(torn), steps=8))
+    assert finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", "last", steps=8)) == 0
+    assert not torn.exists() or (torn / finetune.COMPLETE_MARKER).exists()
+    assert (out / "checkpoint-8" / finetune.COMPLETE_MARKER).is_file()
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ("--eval_split", "", "--save_total_limit", "5")
+    assert finetune.main(tiny_args(straight, *args, steps=12)) == 0
+
+    original = finetune.SlamASRTrainer.training_step
+
+    def crash_after_checkpoint(self, *a, **kw):
+        if self.state.global_step == 6:
+            raise KeyboardInterrupt("killed")  # a hard stop two steps after checkpoint-4
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(finetune.SlamASRTrainer, "training_step", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(tiny_args(resumed, *args, steps=12))
+    monkeypatch.setattr(finetune.SlamASRTrainer, "training_step", original)
+    assert finetune.main(tiny_args(resumed, *args, "--resume_from_checkpoint", "last", steps=12)) == 0
+    a, b = adapter_weights(straight), adapter_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert not torch.equal(a["proj.0.weight"], adapter_weights(straight / "checkpoint-4")["proj.0.weight"])
+
+
+def test_nonfinite_loss_skips_step_then_stops(tmp_path, monkeypatch):
+    forward = SlamASR.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls["n"] += 1
+        if self.training and calls["n"] in (2, 3):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(SlamASR, "forward", sometimes_nan)
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--eval_split", "", steps=6)) == 0
+    weights = adapter_weights(out)
+    assert all(torch.isfinite(w).all() for w in weights.values())  # without the skip, NaN reaches the adapter
+
+    monkeypatch.setattr(SlamASR, "forward", lambda self, *a, **kw: type(forward(self, *a, **kw))(
+        loss=forward(self, *a, **kw).loss * float("inf")))
+    out2 = tmp_path / "out2"
+    assert finetune.main(tiny_args(out2, "--eval_split", "", "--max_nonfinite_steps", "3", steps=6)) == 1
+    assert not (out2 / WEIGHTS_NAME).exists()  # nothing saved from a diverged run
+
+
+def run_script(args, env_extra=None, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigterm_saves_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script([sys.executable, "finetune.py", *tiny_args(out, "--eval_split", "", "--save_steps", "1000",
+                                                                  "--report_to", "none", steps=100000)])
+    watchdog = threading.Timer(180, proc.kill)  # never hang the suite if the summary line does not come
+    watchdog.start()
+    seen = []
+    for line in proc.stdout:  # the start-of-run summary comes just before the first step
+        seen.append(line)
+        if " train: " in line:
+            break
+    assert proc.poll() is None, "".join(seen)
+    time.sleep(3)  # well into training
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=120)[0]
+    watchdog.cancel()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "--resume_from_checkpoint last" in output
+    complete, torn = finetune.find_checkpoints(str(out))
+    assert complete and not torn
+    SlamASR.load_adapter(complete[-1])
+
+
+def test_two_process_data_parallel_run(tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_script(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "finetune.py",
+                       *tiny_args(out, "--per_device_train_batch_size", "2", "--report_to", "none", steps=4)],
+                      env_extra={"ACCELERATE_USE_CPU": "true"})
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert len((out / "predictions_step4.jsonl").read_text().splitlines()) == 4  # gathered from both ranks
+    model = SlamASR.load_adapter(out)
+    assert model.config.adapter == "linear"
