@@ -302,8 +302,8 @@ def load_split(data_args, split, manifest, sampling_rate, what, max_samples=None
                               data_args.lowercase, hub_dataset, data_args.strict_data, sampling_rate)
 
 
-def main(argv=None):
-    # 1. Arguments: our dataclasses and Seq2SeqTrainingArguments, from the command line or a JSON/YAML file
+def parse_args(argv):
+    """Our dataclasses and Seq2SeqTrainingArguments, from the command line or one JSON/YAML file."""
     parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
     # defaults this model needs (each still overridable where it makes sense)
     parser.set_defaults(output_dir="output", report_to="tensorboard", learning_rate=1e-4, warmup_steps=1000,
@@ -311,7 +311,6 @@ def main(argv=None):
                         save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
                         do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
                         prediction_loss_only=True, dataloader_num_workers=4)
-    argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         file_parse = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         model_args, data_args, training_args = file_parse(os.path.abspath(argv[0]))
@@ -326,10 +325,15 @@ def main(argv=None):
         raise ValueError("--remove_unused_columns must stay False: the collator's batch is what the model takes")
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
-    no_eval = not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval
-    if no_eval:
+    if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:
         training_args.eval_strategy = "no"
         training_args.do_eval = False
+    return model_args, data_args, training_args
+
+
+def main(argv=None):
+    # 1. Arguments
+    model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
 
     # 2. Logging, on the main process only at full volume
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -358,7 +362,7 @@ def main(argv=None):
         train_dataset = load_split(data_args, data_args.train_split, data_args.train_manifest, model.sampling_rate,
                                    "train")
         eval_dataset = None
-        if not no_eval:
+        if training_args.do_eval:
             eval_dataset = load_split(data_args, data_args.eval_split, data_args.eval_manifest, model.sampling_rate,
                                       "eval", data_args.max_eval_samples)
     collator = data.SpeechCollator(model.feature_extractor, model.tokenizer, data_args.max_target_tokens)

@@ -153,3 +153,25 @@ def test_two_process_data_parallel_run(tmp_path):
     assert len((out / "predictions_step4.jsonl").read_text().splitlines()) == 4  # gathered from both ranks
     model = SlamASR.load_adapter(out)
     assert model.config.adapter == "linear"
+
+
+def test_script_sh_launches_a_valid_command(tmp_path):
+    # a stand-in `accelerate` records what script.sh launches; every flag must parse in finetune.py
+    (tmp_path / "accelerate").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (tmp_path / "accelerate").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", ARGS_OUT=str(tmp_path / "args"), NUM_GPUS="2")
+    subprocess.run(["bash", "script.sh", "--max_steps", "5"], cwd=ROOT, env=env, check=True)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:5] == ["launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision"]
+    script_args = args[args.index("finetune.py") + 1:]
+    model_args, data_args, training_args = finetune.parse_args(script_args)
+    assert model_args.encoder == "facebook/hubert-large-ls960-ft" and training_args.fp16
+    assert training_args.max_steps == 5 and training_args.gradient_accumulation_steps == 2
+    assert training_args.train_sampling_strategy == "group_by_length"
+    assert data_args.dataset_name == "openslr/librispeech_asr"
+
+
+def test_flags_that_would_do_nothing_are_refused():
+    for flag in (["--generation_max_length", "10"], ["--sortish_sampler"], ["--remove_unused_columns", "true"]):
+        with pytest.raises(ValueError):
+            finetune.parse_args(["--output_dir", "x", *flag])

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The real recipe: HuBERT-large-ls960-ft + TinyLlama-1.1B-Chat-v1.0 on LibriSpeech 960 h, fp16, on every
+# visible GPU (one works too), WER on dev-clean during training. Extra arguments pass through to finetune.py:
+#   bash script.sh                                     # hub copy of LibriSpeech (openslr/librispeech_asr)
+#   LIBRISPEECH_DIR=/data/LibriSpeech bash script.sh   # a local LibriSpeech folder (openslr layout)
+#   bash script.sh --max_steps 2000 --output_dir out/quick
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+PER_GPU_BATCH=${PER_GPU_BATCH:-8}
+# effective batch of 32 clips (~6 minutes of audio) whatever the GPU count
+GRAD_ACCUM=$(( (32 + PER_GPU_BATCH * NUM_GPUS - 1) / (PER_GPU_BATCH * NUM_GPUS) ))
+
+if [ -n "${LIBRISPEECH_DIR:-}" ]; then
+  DATA=(--librispeech_dir "$LIBRISPEECH_DIR" --train_split train-clean-100,train-clean-360,train-other-500
+        --eval_split dev-clean)
+else
+  DATA=(--dataset_name openslr/librispeech_asr --dataset_config all
+        --train_split train.clean.100+train.clean.360+train.other.500 --eval_split validation.clean)
+fi
+
+if [ "$NUM_GPUS" -gt 1 ]; then
+  LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_GPUS" --mixed_precision fp16)
+else
+  LAUNCH=(accelerate launch --num_processes 1 --mixed_precision fp16)
+fi
+
+"${LAUNCH[@]}" finetune.py \
+  --encoder facebook/hubert-large-ls960-ft \
+  --llm TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
+  --adapter linear --downsample 5 --adapter_hidden 2048 \
+  "${DATA[@]}" \
+  --output_dir out/slam-asr-hubert-large-tinyllama \
+  --fp16 \
+  --per_device_train_batch_size "$PER_GPU_BATCH" --gradient_accumulation_steps "$GRAD_ACCUM" \
+  --per_device_eval_batch_size 16 \
+  --learning_rate 1e-4 --warmup_steps 1000 --lr_scheduler_type linear --weight_decay 0.0 \
+  --num_train_epochs 3 \
+  --group_by_length \
+  --max_duration 30 --min_duration 0.5 \
+  --eval_steps 2000 --save_steps 2000 --save_total_limit 3 --logging_steps 50 \
+  --max_eval_samples 500 --max_new_tokens 200 \
+  --metric_for_best_model wer --greater_is_better false \
+  --dataloader_num_workers 8 \
+  --report_to tensorboard \
+  "$@"

@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from conftest import FIXTURE, ROOT
+
+import transcribe
+
+TRAIN = FIXTURE / "train-clean-100"
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(trained_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter")
+    trained_model.save_adapter(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    """Good, odd-but-valid and bad files, each named for what it is."""
+    d = tmp_path_factory.mktemp("audio")
+    clip, _ = sf.read(TRAIN / "1001/2001/1001-2001-0000.flac", dtype="float32")
+    (d / "good.flac").write_bytes((TRAIN / "1001/2001/1001-2001-0001.flac").read_bytes())
+    sf.write(d / "stereo_44k.wav", np.stack([soxr.resample(clip, 16000, 44100)] * 2, axis=1), 44100)
+    sf.write(d / "mono_8k.wav", soxr.resample(clip, 16000, 8000), 8000)
+    sf.write(d / "float.wav", clip.astype(np.float64), 16000, subtype="DOUBLE")
+    sf.write(d / "vorbis.ogg", clip, 16000, format="OGG")
+    (d / "truncated.flac").write_bytes((TRAIN / "1001/2001/1001-2001-0002.flac").read_bytes()[:500])
+    (d / "not_audio.wav").write_text("hello, I am a text file")
+    (d / "empty.flac").write_bytes(b"")
+    return d
+
+
+def run(argv, capsys):
+    code = transcribe.main(argv)
+    return code, capsys.readouterr().err
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_folder_with_good_odd_and_bad_files(adapter_dir, audio_dir, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    code, err = run(["--adapter", str(adapter_dir), str(audio_dir), "--output", str(out), "--max_new_tokens", "12"],
+                    capsys)
+    assert code == 0
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in read_lines(out)}
+    assert len(rows) == 8  # every file gets a line
+    for name in ("good.flac", "stereo_44k.wav", "mono_8k.wav", "float.wav", "vorbis.ogg"):
+        assert "text" in rows[name] and "error" not in rows[name], rows[name]
+    for name in ("truncated.flac", "not_audio.wav", "empty.flac"):
+        assert "error" in rows[name] and "text" not in rows[name], rows[name]
+    assert rows["good.flac"]["text"] == "she opened the old book"  # a clip the adapter learnt
+    assert rows["float.wav"]["text"] == "the ship sailed at dawn"  # same samples, float64 container
+    assert "5 of 8 inputs; 3 failed" in err
+
+
+def test_batched_equals_one_at_a_time(adapter_dir, tmp_path, capsys):
+    outs = []
+    for batch_size in ("1", "16"):
+        outs.append(tmp_path / f"b{batch_size}.jsonl")
+        run(["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "train-clean-100,test-clean",
+             "--batch_size", batch_size, "--max_new_tokens", "12", "--output", str(outs[-1])], capsys)
+    assert read_lines(outs[0]) == read_lines(outs[1])
+
+
+def test_librispeech_split_is_scored(adapter_dir, tmp_path, capsys):
+    out = tmp_path / "scored.jsonl"
+    code, err = run(["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "train-clean-100",
+                     "--max_new_tokens", "12", "--output", str(out)], capsys)
+    rows = read_lines(out)
+    assert code == 0 and len(rows) == 8 and all("reference" in r and "text" in r for r in rows)
+    assert rows[0]["reference"] == "THE SHIP SAILED AT DAWN" and rows[0]["text"] == "the ship sailed at dawn"
+    wrong = sum(r["text"] != r["reference"].lower() for r in rows)
+    assert "WER " in err and "on 8 utterances" in err
+    if wrong == 0:
+        assert "WER 0.00%" in err
+
+
+def test_manifest_and_over_long_audio(adapter_dir, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    long_clip = tmp_path / "long.wav"
+    sf.write(long_clip, np.zeros(16000 * 3, np.float32), 16000)
+    manifest.write_text(json.dumps({"audio": str(TRAIN / "1001/2001/1001-2001-0000.flac"), "text": "the ship sailed at dawn"})
+                        + "\n" + json.dumps({"audio": "long.wav"}) + "\nnot json\n")
+    out = tmp_path / "o.jsonl"
+    code, err = run(["--adapter", str(adapter_dir), "--manifest", str(manifest), "--max_duration", "2.5",
+                     "--max_new_tokens", "12", "--output", str(out)], capsys)
+    rows = read_lines(out)
+    assert rows[0]["text"] == "the ship sailed at dawn" and rows[0]["reference"] == "the ship sailed at dawn"
+    assert "longer than --max_duration" in rows[1]["error"]
+    assert "WER 0.00% on 1 utterances" in err and "1 failed" in err
+
+
+def test_demo_tiny_runs_offline(tmp_path):
+    out = subprocess.run([sys.executable, "proof_of_concept.py", "--tiny", "--steps", "60"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [float(line.split("loss")[1]) for line in out.stdout.splitlines() if line.strip().startswith("step")]
+    assert losses[-1] < 0.5 * losses[0]
+    assert out.stdout.count("WER ") == 2 and "not an accuracy figure" in out.stdout
