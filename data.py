@@ -326,7 +326,8 @@ class SpeechDataset(torch.utils.data.Dataset):
 
 
 class SpeechCollator:
-    """Samples -> what SlamASR.forward takes (input_values, audio_lengths, labels), plus `data_stats`
+    """Samples -> what SlamASR.forward takes (input_values and audio_lengths, or cached encoder_frames and
+    frame_lengths; labels), plus `data_stats`
     (skipped and truncated counts) that the trainer pops before the forward."""
 
     def __init__(self, feature_extractor, tokenizer, max_target_tokens=None):
@@ -335,11 +336,15 @@ class SpeechCollator:
         self.max_target_tokens = max_target_tokens
 
     def __call__(self, samples):
-        input_values, audio_lengths = prepare_audio(self.feature_extractor, [s["audio"] for s in samples])
         labels, truncated = prepare_labels(self.tokenizer, [s["text"] for s in samples], self.max_target_tokens)
         skipped = [item for s in samples for item in s["skipped"]]
-        return dict(input_values=input_values, audio_lengths=audio_lengths, labels=labels,
-                    data_stats=dict(skipped=skipped, truncated=truncated))
+        batch = dict(labels=labels, data_stats=dict(skipped=skipped, truncated=truncated))
+        if "frames" in samples[0]:  # from the feature cache
+            batch["encoder_frames"], batch["frame_lengths"] = collate_frames(samples)
+        else:
+            batch["input_values"], batch["audio_lengths"] = prepare_audio(self.feature_extractor,
+                                                                          [s["audio"] for s in samples])
+        return batch
 
 
 def build_dataset(name, records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True,
@@ -351,3 +356,139 @@ def build_dataset(name, records, report, min_duration=0.0, max_duration=float("i
     if not records:
         raise DataError(f"{name}: no usable clips left after filtering (see the report above)")
     return SpeechDataset(records, sampling_rate, hub_dataset=hub_dataset, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frozen-encoder feature cache: the encoder never changes, so its output is computed once and read back
+
+
+class FeatureCache:
+    """Encoder outputs per clip in half precision, in safetensors shards under a folder named by a hash of
+    (encoder, sample rate, hidden size, dtypes): a cache made by another encoder or setting is never read.
+    Each rank writes its own shards and then its index; a shard missing from an index is recomputed."""
+
+    SHARD_BYTES = 512 * 2**20
+
+    def __init__(self, root, encoder_name, sampling_rate, hidden_size, encoder_dtype, dtype=torch.float16):
+        import hashlib
+
+        # the encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other features
+        self.key = dict(encoder=encoder_name, sampling_rate=sampling_rate, hidden_size=hidden_size,
+                        encoder_dtype=str(encoder_dtype).replace("torch.", ""),
+                        dtype=str(dtype).replace("torch.", ""))
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = Path(root) / f"{Path(encoder_name).name}-{digest}"
+        self.dtype = dtype
+        self.index = {}  # utterance id -> shard file name
+        self._readers = {}
+
+    def load_index(self):
+        self.index = {}
+        for path in sorted(self.dir.glob("index-rank*.json")):
+            shards = json.loads(path.read_text())
+            for shard, ids in shards.items():
+                if (self.dir / shard).is_file():
+                    self.index.update({utt: shard for utt in ids})
+        return self
+
+    def size_bytes(self):
+        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
+
+    def fill(self, encode, dataset, rank=0, world=1, batch_size=8, batched=True):
+        """Encodes this rank's share of `dataset` records that the cache lacks. `encode(list of audio) ->
+        list of (T, D) tensors`. Returns [(id, reason)] of clips that could not be read."""
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "key.json").write_text(json.dumps(self.key, indent=2))
+        self.load_index()
+        index_path = self.dir / f"index-rank{rank}.json"
+        shards = json.loads(index_path.read_text()) if index_path.exists() else {}
+        todo = [r for r in dataset.records[rank::world] if r["id"] not in self.index]
+        todo.sort(key=lambda r: r["duration"])  # similar lengths per batch: less padding
+        failed, pending, pending_bytes = [], {}, 0
+
+        def flush():
+            nonlocal pending, pending_bytes
+            if pending:
+                name = f"rank{rank}-{len(shards):05d}.safetensors"
+                save_file(pending, str(self.dir / (name + ".tmp")))
+                os.replace(self.dir / (name + ".tmp"), self.dir / name)
+                shards[name] = list(pending)
+                index_path.with_suffix(".tmp").write_text(json.dumps(shards))
+                os.replace(index_path.with_suffix(".tmp"), index_path)  # the index names only finished shards
+            pending, pending_bytes = {}, 0
+
+        step = batch_size if batched else 1
+        for start in tqdm(range(0, len(todo), step), desc=f"caching encoder features (rank {rank})",
+                          disable=rank != 0 or not todo):
+            batch, audios = [], []
+            for record in todo[start:start + step]:
+                try:
+                    audios.append(dataset.load(record))
+                    batch.append(record)
+                except DataError as e:
+                    failed.append((record["id"], str(e)))
+            if not audios:
+                continue
+            for record, frames in zip(batch, encode(audios)):
+                pending[record["id"]] = frames.to(self.dtype).cpu().contiguous()
+                pending_bytes += pending[record["id"]].numel() * 2
+            if pending_bytes > self.SHARD_BYTES:
+                flush()
+        flush()
+        return failed
+
+    def read(self, utt):
+        from safetensors import safe_open
+
+        shard = self.index[utt]
+        if shard not in self._readers:  # memory-mapped; opened lazily, per DataLoader worker
+            self._readers[shard] = safe_open(str(self.dir / shard), framework="pt")
+        return self._readers[shard].get_tensor(utt)
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """Samples {id, frames (T, D) half precision, text, skipped} from a filled FeatureCache."""
+
+    def __init__(self, dataset, cache):
+        self.records = [r for r in dataset.records if r["id"] in cache.index]
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def durations(self):
+        return [r["duration"] for r in self.records]
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        return dict(id=record["id"], frames=self.cache.read(record["id"]), text=record["text"], skipped=[])
+
+
+def collate_frames(samples):
+    """Cached encoder frames -> (encoder_frames (B, T, D) zero-padded, frame_lengths (B,))."""
+    lengths = torch.tensor([len(s["frames"]) for s in samples])
+    frames = torch.zeros(len(samples), int(lengths.max()), samples[0]["frames"].shape[1],
+                         dtype=samples[0]["frames"].dtype)
+    for i, s in enumerate(samples):
+        frames[i, : len(s["frames"])] = s["frames"]
+    return frames, lengths
+
+
+def duration_batches(durations, max_batch_seconds, seed=0):
+    """Index batches whose padded audio (longest clip x clips) stays within max_batch_seconds: clips sorted by
+    duration so that neighbours share a batch, then the batches shuffled."""
+    order = sorted(range(len(durations)), key=lambda i: durations[i])
+    batches, current = [], []
+    for i in order:
+        if current and durations[i] * (len(current) + 1) > max_batch_seconds:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(batches)
+    return batches

@@ -76,6 +76,9 @@ class DataArguments:
         "help": "Batch clips of similar duration together (less padding)."})
     strict_data: bool = field(default=False, metadata={
         "help": "Stop on the first bad clip or index entry instead of skipping and counting it."})
+    feature_cache: str | None = field(default=None, metadata={
+        "help": "Folder for the frozen encoder's outputs (fp16, about 100 KB per audio second for HuBERT-large): "
+                "computed once before training (each rank its share), then every epoch trains from it."})
     max_nonfinite_steps: int = field(default=25, metadata={
         "help": "Stop after this many consecutive steps with a NaN/Inf loss (each one is skipped)."})
 
@@ -331,6 +334,27 @@ def parse_args(argv):
     return model_args, data_args, training_args
 
 
+def fill_feature_cache(model, train_dataset, data_args, training_args):
+    """Encodes the training clips once (each rank its share), then trains from the cache."""
+    from accelerate import PartialState
+
+    cache = data.FeatureCache(data_args.feature_cache, model.config.encoder, model.sampling_rate,
+                              model.encoder.config.hidden_size, next(model.encoder.parameters()).dtype)
+    model.to(training_args.device)
+    # encoders that take no attention mask must see each clip unpadded
+    failed = cache.fill(model.encode_audio, train_dataset, training_args.process_index, training_args.world_size,
+                        training_args.per_device_eval_batch_size, batched=model.encoder_takes_mask)
+    if failed:
+        logger.warning(f"feature cache: {len(failed)} clips could not be read and are left out, e.g. {failed[0]}")
+    PartialState().wait_for_everyone()
+    cache.load_index()
+    cached = data.CachedFeatureDataset(train_dataset, cache)
+    audio_seconds = sum(cached.durations)
+    logger.info(f"feature cache {cache.dir}: {len(cached):,} clips, {cache.size_bytes() / 2**30:.2f} GiB "
+                f"({cache.size_bytes() / max(audio_seconds, 1e-9) / 1e3:.0f} KB per audio second)")
+    return cached
+
+
 def main(argv=None):
     # 1. Arguments
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -365,6 +389,8 @@ def main(argv=None):
         if training_args.do_eval:
             eval_dataset = load_split(data_args, data_args.eval_split, data_args.eval_manifest, model.sampling_rate,
                                       "eval", data_args.max_eval_samples)
+    if data_args.feature_cache:
+        train_dataset = fill_feature_cache(model, train_dataset, data_args, training_args)
     collator = data.SpeechCollator(model.feature_extractor, model.tokenizer, data_args.max_target_tokens)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

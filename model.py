@@ -237,6 +237,12 @@ class SlamASR(nn.Module):
             frames = self.encoder(input_values.to(dtype), attention_mask=mask).last_hidden_state  # (B, T, d_enc)
         return frames, frame_lengths
 
+    def encode_audio(self, audios):
+        """List of 1-D arrays -> list of (T_i, d_enc) encoder outputs, each cut to its clip's own frames."""
+        input_values, audio_lengths = prepare_audio(self.feature_extractor, audios)
+        frames, frame_lengths = self.encode(input_values.to(self.device), audio_lengths.to(self.device))
+        return [f[:n] for f, n in zip(frames, frame_lengths.tolist())]
+
     def adapt(self, frames, frame_lengths):
         """Encoder frames (B, T, d_enc) -> (speech_embeds (B, S, d_llm), speech_lengths (B,))."""
         k = self.config.downsample

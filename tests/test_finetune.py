@@ -146,13 +146,16 @@ def test_sigterm_saves_checkpoint_and_says_how_to_resume(tmp_path):
 def test_two_process_data_parallel_run(tmp_path):
     out = tmp_path / "ddp"
     proc = run_script(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "finetune.py",
-                       *tiny_args(out, "--per_device_train_batch_size", "2", "--report_to", "none", steps=4)],
+                       *tiny_args(out, "--per_device_train_batch_size", "2", "--report_to", "none",
+                                  "--feature_cache", str(tmp_path / "cache"), steps=4)],
                       env_extra={"ACCELERATE_USE_CPU": "true"})
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     assert len((out / "predictions_step4.jsonl").read_text().splitlines()) == 4  # gathered from both ranks
     model = SlamASR.load_adapter(out)
     assert model.config.adapter == "linear"
+    shards = {p.name.split("-")[0] for p in (tmp_path / "cache").glob("*/*.safetensors")}
+    assert shards == {"rank0", "rank1"}  # each rank encoded its share of the training clips
 
 
 def test_script_sh_launches_a_valid_command(tmp_path):

@@ -1,0 +1,107 @@
+"""Each speed lever of bench.py / finetune.py leaves the loss as it was, within float tolerance."""
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURE, make_model
+
+import data
+from model import prepare_audio, prepare_labels
+
+
+@pytest.fixture(scope="module")
+def train_set():
+    report = data.DataReport("t")
+    return data.build_dataset("t", data.index_librispeech(FIXTURE, "train-clean-100", report), report)
+
+
+def cache_for(model, root, **kw):
+    return data.FeatureCache(root, model.config.encoder, model.sampling_rate, model.encoder.config.hidden_size,
+                             next(model.encoder.parameters()).dtype, **kw)
+
+
+def batch_loss(model, batch):
+    batch = {k: v for k, v in batch.items() if k != "data_stats"}
+    with torch.no_grad():
+        return model(**batch).loss
+
+
+def test_feature_cache_gives_the_same_loss(train_set, tmp_path):
+    model = make_model()
+    cache = cache_for(model, tmp_path)
+    assert cache.fill(model.encode_audio, train_set, batch_size=3) == []
+    cache.load_index()
+    assert set(cache.index) == {r["id"] for r in train_set.records}
+    seconds = sum(train_set.durations)
+    # fp16 frames of the tiny encoder (64 wide, 50 Hz): 6.4 KB per second plus safetensors headers
+    assert 6000 * seconds < cache.size_bytes() < 8000 * seconds
+    cached = data.CachedFeatureDataset(train_set, cache)
+    collator = data.SpeechCollator(model.feature_extractor, model.tokenizer)
+    from_cache = collator([cached[i] for i in range(4)])
+    from_audio = collator([train_set[i] for i in range(4)])
+    assert from_cache["encoder_frames"].dtype == torch.float16
+    torch.testing.assert_close(batch_loss(model, from_cache), batch_loss(model, from_audio), rtol=1e-3, atol=1e-3)
+
+
+def test_feature_cache_is_keyed_and_resumable(train_set, tmp_path):
+    model = make_model()
+    cache = cache_for(model, tmp_path)
+    cache.SHARD_BYTES = 1  # one shard per batch, so that a kill can fall between shards
+    cache.fill(model.encode_audio, train_set, batch_size=4)
+    other = data.FeatureCache(tmp_path, "tiny", 16000, 64, torch.bfloat16)  # another encoder dtype
+    assert other.dir != cache.dir and not other.load_index().index
+    # a shard whose index entry was never written (killed mid-fill) is not trusted: its clips are redone
+    shard = sorted(cache.dir.glob("rank0-*.safetensors"))[-1]
+    index = cache.dir / "index-rank0.json"
+    import json
+    entries = json.loads(index.read_text())
+    lost = entries.pop(shard.name)
+    index.write_text(json.dumps(entries))
+    assert not set(lost) & set(cache.load_index().index)
+    cache.fill(model.encode_audio, train_set, batch_size=4)
+    assert set(cache.load_index().index) == {r["id"] for r in train_set.records}
+
+
+def test_two_ranks_fill_disjoint_shares(train_set, tmp_path):
+    model = make_model()
+    for rank in (0, 1):
+        cache_for(model, tmp_path).fill(model.encode_audio, train_set, rank=rank, world=2)
+    cache = cache_for(model, tmp_path).load_index()
+    assert len(cache.index) == len(train_set) and {s.split("-")[0] for s in cache.index.values()} == {"rank0", "rank1"}
+
+
+def test_duration_batches_and_same_summed_loss(train_set):
+    durations = train_set.durations
+    batches = data.duration_batches(durations, max_batch_seconds=6.0, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(len(durations)))
+    for b in batches:
+        assert len(b) == 1 or max(durations[i] for i in b) * len(b) <= 6.0
+    padding = lambda bs: 1 - sum(durations) / sum(max(durations[i] for i in b) * len(b) for b in bs)  # noqa: E731
+    rng = np.random.default_rng(0)
+    random_batches = np.array_split(rng.permutation(len(durations)), len(batches))
+    assert padding(batches) <= padding(random_batches)
+    model = make_model()
+    collator = data.SpeechCollator(model.feature_extractor, model.tokenizer)
+
+    def summed(bs):
+        total = 0.0
+        for b in bs:
+            batch = collator([train_set[int(i)] for i in b])
+            with torch.no_grad():
+                out = model(batch["input_values"], batch["audio_lengths"], batch["labels"])
+            total += (out.loss * out.num_tokens).item()
+        return total
+
+    assert summed(batches) == pytest.approx(summed(random_batches), rel=1e-4)
+
+
+def test_half_precision_backbones_keep_the_loss(train_set):
+    full = make_model()
+    half = make_model()
+    half.encoder.to(torch.bfloat16)
+    half.llm.to(torch.bfloat16)
+    assert half.adapter.proj[0].weight.dtype == torch.float32  # master weights stay float32
+    audios = [train_set[i]["audio"] for i in range(4)]
+    texts = [train_set[i]["text"] for i in range(4)]
+    inputs = (*prepare_audio(full.feature_extractor, audios), prepare_labels(full.tokenizer, texts)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(half(*inputs).loss, full(*inputs).loss, rtol=3e-2, atol=0)
