@@ -1,0 +1,295 @@
+"""
+Training throughput of the adapter-only trainer and what each speed lever buys, all measured in one run on
+the same clips, with backbones built from configs (random weights: the figures are real, accuracy is not).
+
+    python bench.py --size base --device cpu --batch_size 4 --steps 3
+    python bench.py --size full --device cuda --dtype bfloat16 --batch_size 16 --steps 20
+
+Configurations: `naive` (encoder every step, random batches, LM head over every position, float32
+backbones), each lever alone (`cache`: frozen-encoder feature cache; `duration`: batches by total audio
+seconds; `head`: LM head only on labelled positions; `half`: half-precision backbones with autocast), and
+`all` together. Prints a table, `speedup vs naive: N.Nx`, and a projection of hours per LibriSpeech-960 h epoch.
+"""
+
+import argparse
+import copy
+import io
+import json
+import math
+import tempfile
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import data
+from model import SlamASR, SlamASRConfig, prepare_audio, prepare_labels, tiny_backbones
+
+LIBRISPEECH_960H_SECONDS = 960 * 3600
+WORDS_PER_SECOND = 2.7  # LibriSpeech read speech
+
+
+def build_backbones(size, seed=0):
+    """(encoder, llm, tokenizer, feature_extractor) with random weights; the tiny tokenizer stands in for
+    TinyLlama's (its ids all fall inside the 32k vocabulary of the base and full LLMs)."""
+    from transformers import HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, Wav2Vec2FeatureExtractor
+
+    encoder, llm, tokenizer, feature_extractor = tiny_backbones(seed)
+    if size == "tiny":
+        return encoder, llm, tokenizer, feature_extractor
+    torch.manual_seed(seed)
+    if size == "base":  # HuBERT-base (group norm, no attention mask) + a ~100M Llama with a 32k vocabulary
+        encoder = HubertModel(HubertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                           intermediate_size=3072, feat_extract_norm="group"))
+        llm_config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                                 num_attention_heads=12, num_key_value_heads=12)
+        feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                     do_normalize=False, return_attention_mask=False)
+    else:  # HuBERT-large + TinyLlama-1.1B, as in the recipe
+        encoder = HubertModel(HubertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                           intermediate_size=4096, feat_extract_norm="layer",
+                                           do_stable_layer_norm=True))
+        llm_config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    llm_config.update(dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id))
+    return encoder.eval(), LlamaForCausalLM(llm_config).eval(), tokenizer, feature_extractor
+
+
+def synthetic_corpus(n, seed=0):
+    """LibriSpeech-like mix: 2-20 s (mean about 12 s), transcripts of matching length, noise for audio."""
+    rng = np.random.default_rng(seed)
+    durations = 2 + 18 * rng.beta(3.0, 2.4, size=n)
+    words = data.normalize_transcript(open(__file__.replace("bench.py", "model.py")).read()).split()
+    words = [w for w in words if w.isalpha()][:2000]
+    clips = []
+    for i, d in enumerate(durations):
+        audio = (0.1 * rng.standard_normal(int(d * data.SAMPLE_RATE))).astype(np.float32)
+        text = " ".join(rng.choice(words, size=max(1, round(d * WORDS_PER_SECOND))))
+        clips.append(dict(id=f"clip{i:05d}", audio=audio, text=text, duration=len(audio) / data.SAMPLE_RATE))
+    return clips
+
+
+class InMemory(data.SpeechDataset):
+    """The synthetic clips as a dataset the feature cache can fill from."""
+
+    def __init__(self, clips):
+        super().__init__([{k: v for k, v in c.items() if k != "audio"} for c in clips])
+        self.audio = {c["id"]: c["audio"] for c in clips}
+
+    def load(self, record):
+        return self.audio[record["id"]]
+
+
+def matmul_peak(device, dtype, n):
+    """Measured dense matmul FLOP/s on this device in this dtype: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        a @ b
+        reps += 1
+        if reps % 10 == 0:
+            sync(device)
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_speed(clips, n=8):
+    """Audio seconds decoded (flac) and resampled per CPU-second: what one DataLoader worker delivers."""
+    blobs = []
+    for c in clips[:n]:
+        buf = io.BytesIO()
+        sf.write(buf, c["audio"], 44100 if len(blobs) % 2 else 16000, format="FLAC")  # half need resampling
+        blobs.append(buf.getvalue())
+    start = time.process_time()
+    decoded = sum(len(data.read_audio(b)) for b in blobs) / data.SAMPLE_RATE
+    return decoded / max(time.process_time() - start, 1e-9)
+
+
+def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, lr=1e-4):
+    """Trains `len(batches)` steps (the first `warmup` untimed); returns throughput, time split and more."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    split = dict(data=0.0, encoder=0.0, llm=0.0, optimizer=0.0)
+    audio_seconds = padded_seconds = samples = flops = 0.0
+    P, Q = len(model.prefix_ids), len(model.suffix_ids)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    autocast = torch.autocast(device.type, dtype=half_dtype, enabled=half_dtype is not None)
+    for step, batch in enumerate(batches):
+        sync(device)
+        t0 = time.perf_counter()
+        chosen = [clips[i] for i in batch]
+        labels = prepare_labels(model.tokenizer, [c["text"] for c in chosen])[0].to(device)
+        if cache is not None:
+            frames, frame_lengths = data.collate_frames([dict(frames=cache.read(c["id"])) for c in chosen])
+            frames, frame_lengths = frames.to(device, non_blocking=True), frame_lengths.to(device)
+        else:
+            input_values, audio_lengths = prepare_audio(model.feature_extractor, [c["audio"] for c in chosen])
+            input_values, audio_lengths = input_values.to(device, non_blocking=True), audio_lengths.to(device)
+        sync(device)
+        t1 = time.perf_counter()
+        if cache is None:
+            with autocast:
+                frames, frame_lengths = model.encode(input_values, audio_lengths)
+        sync(device)
+        t2 = time.perf_counter()
+        with autocast:
+            out = model(encoder_frames=frames, frame_lengths=frame_lengths, labels=labels)
+        out.loss.backward()
+        sync(device)
+        t3 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t4 = time.perf_counter()
+        if not math.isfinite(out.loss.item()):
+            raise RuntimeError(f"{name}: non-finite loss at step {step}")
+        if step < warmup:
+            continue
+        for key, seconds in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            split[key] += seconds
+        durations = [c["duration"] for c in chosen]
+        audio_seconds += sum(durations)
+        padded_seconds += max(durations) * len(durations)
+        samples += len(chosen)
+        speech = model.speech_lengths(torch.tensor([len(c["audio"]) for c in chosen])).sum().item()
+        flops += model.flops_per_step(sum(durations), speech, len(chosen) * (P + Q), out.num_tokens.item(),
+                                      train_encoder=cache is None)
+    seconds = sum(split.values())
+    return dict(config=name, audio_s_per_s=audio_seconds / seconds, samples_per_s=samples / seconds,
+                step_ms={k: 1000 * v / (len(batches) - warmup) for k, v in split.items()},
+                padding=1 - audio_seconds / padded_seconds, flops_per_s=flops / seconds,
+                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["tiny", "base", "full"], default="base")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of the half-precision lever (default bfloat16 on cuda; float32 on cpu = lever off)")
+    p.add_argument("--batch_size", type=int, default=None, help="clips per batch (default 8; 16 on cuda)")
+    p.add_argument("--max_batch_seconds", type=float, default=None,
+                   help="audio seconds per duration batch (default: batch_size x mean clip duration)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration, after --warmup")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--clips", type=int, default=None, help="synthetic clips in the pool (default: enough)")
+    p.add_argument("--configs", default="naive,cache,duration,head,half,all",
+                   help="comma-separated subset of naive,cache,duration,head,half,all")
+    p.add_argument("--compile", action="store_true", help="torch.compile the LLM body in the `all` configuration")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    half = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    half = None if half == torch.float32 else half
+    batch_size = args.batch_size or (16 if device.type == "cuda" else 8)
+    steps = args.steps + args.warmup
+    configs = [c for c in args.configs.split(",") if c != "half" or half is not None]
+
+    torch.manual_seed(0)
+    encoder, llm, tokenizer, feature_extractor = build_backbones(args.size)
+    config = SlamASRConfig(encoder=f"bench-{args.size}", llm=f"bench-{args.size}")
+    base = SlamASR.from_backbones(config, encoder, llm, tokenizer, feature_extractor).to(device)
+    clips = synthetic_corpus(args.clips or batch_size * steps * 2)
+    mean = float(np.mean([c["duration"] for c in clips]))
+    max_batch_seconds = args.max_batch_seconds or batch_size * mean
+    naive_batch = max(1, round(max_batch_seconds / mean))
+    rng = np.random.default_rng(0)
+    random_batches = [list(rng.choice(len(clips), naive_batch, replace=False)) for _ in range(steps)]
+    duration_batches = data.duration_batches([c["duration"] for c in clips], max_batch_seconds, seed=0)[:steps]
+    if len(duration_batches) < steps:
+        raise SystemExit(f"--clips {len(clips)} gives only {len(duration_batches)} duration batches; raise --clips")
+
+    levers = dict(naive=(False, False, False, False), cache=(True, False, False, False),
+                  duration=(False, True, False, False), head=(False, False, True, False),
+                  half=(False, False, False, True), all=(True, True, True, half is not None))
+    half_base = None
+    caches, fill_speed = {}, {}
+    results = []
+    workdir = tempfile.TemporaryDirectory(prefix="bench-cache-")
+    print(f"{args.size} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"{len(clips)} clips of mean {mean:.1f} s, batches of {naive_batch} clips or {max_batch_seconds:.0f} s")
+    for name in configs:
+        use_cache, by_duration, head_only, use_half = levers[name]
+        model = base
+        if use_half:
+            if half_base is None:  # one half-precision copy of the frozen backbones, shared
+                half_base = copy.deepcopy(base)
+                half_base.encoder.to(half)
+                half_base.llm.to(half)
+            model = half_base
+        model = copy.copy(model)  # shares the frozen backbones; its own adapter from the same init below
+        model.adapter = copy.deepcopy(base.adapter)
+        model.head_on_targets_only = head_only
+        if args.compile and name == "all":
+            model.llm = copy.copy(model.llm)
+            model.llm.model = torch.compile(model.llm.model, dynamic=True)
+        cache = None
+        if use_cache:
+            dtype = next(model.encoder.parameters()).dtype
+            if dtype not in caches:
+                cache = data.FeatureCache(workdir.name, config.encoder, data.SAMPLE_RATE,
+                                          model.encoder.config.hidden_size, dtype)
+                ds = InMemory(clips)
+                sync(device)
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=half, enabled=use_half):
+                    cache.fill(model.encode_audio, ds, batch_size=batch_size, batched=model.encoder_takes_mask)
+                sync(device)
+                fill_speed[dtype] = sum(ds.durations) / (time.perf_counter() - start)
+                caches[dtype] = cache.load_index()
+            cache = caches[dtype]
+        batches = duration_batches if by_duration else random_batches
+        result = run_config(name, model, clips, batches, cache, half if use_half else None, device, args.warmup)
+        if use_cache:
+            result["cache_fill_audio_s_per_s"] = fill_speed[next(model.encoder.parameters()).dtype]
+            result["cache_kb_per_audio_s"] = cache.size_bytes() / sum(c["duration"] for c in clips) / 1e3
+        results.append(result)
+        print(f"  {name:9s} {result['audio_s_per_s']:8.2f} audio s/s  {result['samples_per_s']:7.2f} samples/s  "
+              + "  ".join(f"{k} {v:7.1f} ms" for k, v in result["step_ms"].items())
+              + f"  padding {100 * result['padding']:4.1f}%")
+
+    peak = matmul_peak(device, half or torch.float32, 8192 if device.type == "cuda" else 1024)
+    decode = decode_speed(clips)
+    print(f"\nmatmul peak measured: {peak / 1e12:.2f} TFLOP/s ({half or torch.float32}); "
+          f"decoding: {decode:.0f} audio s per CPU-second")
+    print(f"{'config':9s} {'audio s/s':>10s} {'MFU':>6s} {'padding':>8s} {'peak GiB':>9s} {'h / 960 h epoch':>16s}")
+    for r in results:
+        r["mfu"] = r["flops_per_s"] / peak
+        r["hours_per_epoch"] = LIBRISPEECH_960H_SECONDS / r["audio_s_per_s"] / 3600
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
+        print(f"{r['config']:9s} {r['audio_s_per_s']:10.2f} {100 * r['mfu']:5.1f}% {100 * r['padding']:7.1f}% "
+              f"{mem:>9s} {r['hours_per_epoch']:16.2f}")
+    by_name = {r["config"]: r for r in results}
+    summary = dict(size=args.size, device=str(device), dtype=str(half or torch.float32), batch_clips=naive_batch,
+                   max_batch_seconds=max_batch_seconds, matmul_peak_flops=peak, decode_audio_s_per_cpu_s=decode,
+                   results=results)
+    if "naive" in by_name and "all" in by_name:
+        best = by_name["all"]
+        summary["speedup_vs_naive"] = best["audio_s_per_s"] / by_name["naive"]["audio_s_per_s"]
+        first_epoch = LIBRISPEECH_960H_SECONDS * (1 / best["audio_s_per_s"] + 1 / best["cache_fill_audio_s_per_s"])
+        print(f"speedup vs naive: {summary['speedup_vs_naive']:.1f}x")
+        print(f"LibriSpeech 960 h: first epoch (fills the cache) {first_epoch / 3600:.2f} h, later epochs "
+              f"{best['hours_per_epoch']:.2f} h; naive {by_name['naive']['hours_per_epoch']:.2f} h per epoch; "
+              f"cache {best['cache_kb_per_audio_s']:.0f} KB per audio second "
+              f"({best['cache_kb_per_audio_s'] * LIBRISPEECH_960H_SECONDS / 1e6:.0f} GB for 960 h); "
+              f"{best['audio_s_per_s'] / decode:.1f} loader processes keep up without the cache")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
