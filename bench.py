@@ -284,7 +284,7 @@ def main(argv=None):
               f"{best['hours_per_epoch']:.2f} h; naive {by_name['naive']['hours_per_epoch']:.2f} h per epoch; "
               f"cache {best['cache_kb_per_audio_s']:.0f} KB per audio second "
               f"({best['cache_kb_per_audio_s'] * LIBRISPEECH_960H_SECONDS / 1e6:.0f} GB for 960 h); "
-              f"{best['audio_s_per_s'] / decode:.1f} loader processes keep up without the cache")
+              f"{best['audio_s_per_s'] / decode:.2f} loader processes keep up without the cache")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -155,6 +155,12 @@ class SlamASRTrainer(Trainer):
                 "--strict_data to find a bad clip.")
         return torch.zeros_like(loss)
 
+    def log(self, logs, start_time=None):
+        if "loss" in logs:  # training logs carry the running data counters (this rank's)
+            logs = {**logs, "skipped_clips": self.data_counts["skipped"],
+                    "nonfinite_steps": self.data_counts["nonfinite_steps"]}
+        super().log(logs, start_time)
+
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length":
             # durations are the lengths: grouping by them is what cuts the padding
@@ -415,6 +421,8 @@ def main(argv=None):
         logger.error(str(e))
         return 1
     counts = trainer.data_counts
+    if training_args.world_size > 1:  # each rank counted what its own loader skipped
+        counts = {k: sum(c[k] for c in gather_object([counts])) for k in counts}
     logger.info(f"data: {counts['skipped']} clips skipped while loading, {counts['truncated']} transcripts "
                 f"truncated to {data_args.max_target_tokens} tokens, {counts['nonfinite_steps']} non-finite steps")
     if stop.received:

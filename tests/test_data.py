@@ -95,6 +95,8 @@ def test_resampling_and_stereo(tmp_path, clip, rate, subtype):
     (lambda p: sf.write(p, np.zeros(200, np.float32), 16000, format="WAV"), "too short"),
     (lambda p: sf.write(p, np.array([0.1, np.nan] * 4000, np.float32), 16000, format="WAV", subtype="FLOAT"),
      "NaN or Inf"),
+    (lambda p: sf.write(p, np.array([0.1, -np.inf] * 4000, np.float32), 16000, format="WAV", subtype="FLOAT"),
+     "NaN or Inf"),
 ])
 def test_bad_audio_is_a_clear_error(tmp_path, make, reason):
     path = tmp_path / "bad.flac"

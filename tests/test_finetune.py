@@ -178,3 +178,34 @@ def test_flags_that_would_do_nothing_are_refused():
     for flag in (["--generation_max_length", "10"], ["--sortish_sampler"], ["--remove_unused_columns", "true"]):
         with pytest.raises(ValueError):
             finetune.parse_args(["--output_dir", "x", *flag])
+
+
+def test_bad_clip_mid_training_is_skipped_and_counted(tmp_path, caplog):
+    import numpy as np
+    import soundfile as sf
+    clips = sorted((FIXTURE / "train-clean-100").glob("*/*/*.flac"))[:3]
+    lines = [json.dumps({"audio": str(c), "text": "some words"}) for c in clips]
+    # a readable header (so indexing keeps it) over NaN samples: only loading it can tell
+    sf.write(tmp_path / "nan.wav", np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    lines.append(json.dumps({"audio": "nan.wav", "text": "poison"}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    args = tiny_args(out, "--train_manifest", str(tmp_path / "train.jsonl"), "--eval_split", "",
+                     "--per_device_train_batch_size", "2", steps=6)
+    with caplog.at_level("INFO"):
+        assert finetune.main(args) == 0
+    assert all(torch.isfinite(w).all() for w in adapter_weights(out).values())
+    summary = [r.getMessage() for r in caplog.records if "clips skipped while loading" in r.getMessage()]
+    skipped = int(summary[-1].split("data: ")[1].split()[0])
+    assert skipped >= 1  # the NaN clip came up at least once in 6 steps x 2 clips over 4 clips
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert any(h.get("skipped_clips", 0) >= 1 for h in state["log_history"])
+    with pytest.raises(Exception, match="NaN or Inf.*strict_data"):
+        finetune.main(tiny_args(tmp_path / "strict", "--train_manifest", str(tmp_path / "train.jsonl"),
+                                "--eval_split", "", "--strict_data", "--per_device_train_batch_size", "2", steps=6))
+
+
+def test_unreachable_backbone_says_how_to_use_a_local_copy():
+    from model import SlamASRConfig
+    with pytest.raises(OSError, match="(?s)could not load the speech encoder 'nobody/no-such-model'.*local folder"):
+        SlamASR.from_config(SlamASRConfig(encoder="nobody/no-such-model", llm="tiny"))
