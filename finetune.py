@@ -444,4 +444,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if torch.distributed.is_initialized():
+        # leave together: a rank that exits while its peer still holds the gloo/NCCL group can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
