@@ -228,7 +228,7 @@ def records_from_hub(dataset, report, num_proc=None):
         return {"duration": durations}
 
     durations = dataset.map(header, batched=True, num_proc=num_proc, desc="reading audio headers",
-                            input_columns=None, remove_columns=dataset.column_names)["duration"]
+                            remove_columns=dataset.column_names)["duration"]
     records = []
     for row, (utt, text, duration) in enumerate(zip(dataset["id"], dataset["text"], durations)):
         if duration < 0:
@@ -281,7 +281,18 @@ def filter_records(records, report, min_duration=0.0, max_duration=float("inf"),
 # Loading and batching
 
 
-class SpeechDataset(torch.utils.data.Dataset):
+class RecordDataset(torch.utils.data.Dataset):
+    """A dataset over records; `durations` is what the length-grouped samplers and the run summary read."""
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def durations(self):
+        return [r["duration"] for r in self.records]
+
+
+class SpeechDataset(RecordDataset):
     """Records -> samples {id, audio (1-D float32), text, skipped}. A clip that fails to load is replaced by
     the next good one, with a warning; `skipped` carries (id, reason) of the clips it replaced so that the
     trainer counts them, DataLoader workers included."""
@@ -291,13 +302,6 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.sampling_rate = sampling_rate
         self.hub_dataset = hub_dataset
         self.strict = strict
-
-    def __len__(self):
-        return len(self.records)
-
-    @property
-    def durations(self):
-        return [r["duration"] for r in self.records]
 
     def load(self, record):
         source = record["audio"]
@@ -448,19 +452,12 @@ class FeatureCache:
         return self._readers[shard].get_tensor(utt)
 
 
-class CachedFeatureDataset(torch.utils.data.Dataset):
+class CachedFeatureDataset(RecordDataset):
     """Samples {id, frames (T, D) half precision, text, skipped} from a filled FeatureCache."""
 
     def __init__(self, dataset, cache):
         self.records = [r for r in dataset.records if r["id"] in cache.index]
         self.cache = cache
-
-    def __len__(self):
-        return len(self.records)
-
-    @property
-    def durations(self):
-        return [r["duration"] for r in self.records]
 
     def __getitem__(self, index):
         record = self.records[index]
