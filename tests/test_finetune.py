@@ -120,7 +120,8 @@ def run_script(args, env_extra=None, **kw):
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_sigterm_saves_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "out"
     proc = run_script([sys.executable, "finetune.py", *tiny_args(out, "--eval_split", "", "--save_steps", "1000",
                                                                   "--report_to", "none", steps=100000)])
@@ -133,10 +134,10 @@ def test_sigterm_saves_checkpoint_and_says_how_to_resume(tmp_path):
             break
     assert proc.poll() is None, "".join(seen)
     time.sleep(3)  # well into training
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output = "".join(seen) + proc.communicate(timeout=120)[0]
     watchdog.cancel()
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert proc.returncode == 128 + sig, output[-3000:]
     assert "--resume_from_checkpoint last" in output
     complete, torn = finetune.find_checkpoints(str(out))
     assert complete and not torn
