@@ -5,7 +5,7 @@ LibriSpeech, a LibriSpeech folder, a JSON-lines manifest), filtering, and batchi
 Every source becomes a list of records {id, audio, text, duration}; `audio` is a file path, or a row of
 the hub dataset. Problems found while indexing are counted per reason in a `DataReport`; a clip that fails
 while a batch is loaded is replaced by the next good one and counted, so a long run never dies on one bad
-file (`strict=True` makes either an immediate error).
+file (`strict_data=True` makes either an immediate error).
 """
 
 import io
@@ -124,7 +124,7 @@ class DataReport:
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(str(example))
 
-    def log(self, strict=False):
+    def log(self, strict_data=False):
         if not self.counts:
             logger.info(f"{self.name}: nothing dropped")
             return
@@ -132,7 +132,7 @@ class DataReport:
         for reason, n in self.counts.most_common():
             lines.append(f"  {n:7d}  {reason}  (e.g. {'; '.join(self.examples[reason])})")
         message = "\n".join(lines)
-        if strict:
+        if strict_data:
             raise DataError(message + "\n(--strict_data is on: fix these or drop --strict_data to skip them)")
         logger.warning(message)
 
@@ -297,11 +297,11 @@ class SpeechDataset(RecordDataset):
     the next good one, with a warning; `skipped` carries (id, reason) of the clips it replaced so that the
     trainer counts them, DataLoader workers included."""
 
-    def __init__(self, records, sampling_rate=SAMPLE_RATE, hub_dataset=None, strict=False):
+    def __init__(self, records, sampling_rate=SAMPLE_RATE, hub_dataset=None, strict_data=False):
         self.records = records
         self.sampling_rate = sampling_rate
         self.hub_dataset = hub_dataset
-        self.strict = strict
+        self.strict_data = strict_data
 
     def load(self, record):
         source = record["audio"]
@@ -319,7 +319,7 @@ class SpeechDataset(RecordDataset):
             try:
                 audio = self.load(record)
             except DataError as e:
-                if self.strict:
+                if self.strict_data:
                     raise DataError(f"{e} (--strict_data is on)") from None
                 logger.warning(f"skipping {record['id']}: {e}")
                 skipped.append((record["id"], str(e)))
@@ -352,14 +352,14 @@ class SpeechCollator:
 
 
 def build_dataset(name, records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True,
-                  hub_dataset=None, strict=False, sampling_rate=SAMPLE_RATE):
+                  hub_dataset=None, strict_data=False, sampling_rate=SAMPLE_RATE):
     """Durations, filters, report, dataset: the steps every source goes through after indexing."""
     records = add_durations(records, report)
     records = filter_records(records, report, min_duration, max_duration, lowercase)
-    report.log(strict)
+    report.log(strict_data)
     if not records:
         raise DataError(f"{name}: no usable clips left after filtering (see the report above)")
-    return SpeechDataset(records, sampling_rate, hub_dataset=hub_dataset, strict=strict)
+    return SpeechDataset(records, sampling_rate, hub_dataset=hub_dataset, strict_data=strict_data)
 
 
 # ----------------------------------------------------------------------------------------------------------

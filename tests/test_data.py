@@ -125,7 +125,7 @@ def test_filters_count_what_they_drop():
     assert [r["id"] for r in kept] == ["0", "5"]
     assert report.counts == {"empty transcript": 2, "shorter than 0.5 s": 1, "longer than --max_duration 30 s": 1}
     with pytest.raises(data.DataError, match="strict_data"):
-        report.log(strict=True)
+        report.log(strict_data=True)
 
 
 def test_odd_characters_tokenize_and_train():
@@ -163,7 +163,7 @@ def test_bad_clip_is_replaced_and_counted(tmp_path, clip):
     assert [s[0] for s in sample["skipped"]] == ["broken", "gone"]
     assert "missing audio file" in sample["skipped"][1][1]
     with pytest.raises(data.DataError, match="broken.wav"):
-        data.SpeechDataset(records, strict=True)[0]
+        data.SpeechDataset(records, strict_data=True)[0]
     with pytest.raises(data.DataError, match="consecutive"):
         data.SpeechDataset(records[:2])[0]
 
