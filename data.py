@@ -100,6 +100,19 @@ def read_audio(source, sampling_rate=SAMPLE_RATE):
     return audio
 
 
+def load_clips(load, records):
+    """Reads each record with `load(record) -> audio`: (records read, their audios, [(record, reason)] of the
+    rest). Used wherever a batch must go on without the clips that cannot be read."""
+    loaded, audios, failed = [], [], []
+    for record in records:
+        try:
+            audios.append(load(record))
+            loaded.append(record)
+        except DataError as e:
+            failed.append((record, str(e)))
+    return loaded, audios, failed
+
+
 def audio_duration(source):
     """Seconds, from the file header alone (no decoding)."""
     info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
@@ -426,13 +439,8 @@ class FeatureCache:
         step = batch_size if batched else 1
         for start in tqdm(range(0, len(todo), step), desc=f"caching encoder features (rank {rank})",
                           disable=rank != 0 or not todo):
-            batch, audios = [], []
-            for record in todo[start:start + step]:
-                try:
-                    audios.append(dataset.load(record))
-                    batch.append(record)
-                except DataError as e:
-                    failed.append((record["id"], str(e)))
+            batch, audios, bad = load_clips(dataset.load, todo[start:start + step])
+            failed += [(record["id"], reason) for record, reason in bad]
             if not audios:
                 continue
             for record, frames in zip(batch, encode(audios)):

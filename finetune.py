@@ -221,13 +221,8 @@ class SlamASRTrainer(Trainer):
         batch_size = self.args.per_device_eval_batch_size
         for start in tqdm(range(0, len(records), batch_size), desc="eval WER",
                                disable=not self.is_world_process_zero()):
-            batch, audios = [], []
-            for record in records[start:start + batch_size]:
-                try:
-                    audios.append(self.wer_dataset.load(record))
-                    batch.append(record)
-                except data.DataError as e:
-                    failed.append((record["id"], str(e)))
+            batch, audios, bad = data.load_clips(self.wer_dataset.load, records[start:start + batch_size])
+            failed += [(record["id"], reason) for record, reason in bad]
             if audios:
                 hyps = model.transcribe(audios, batch_size=batch_size, max_new_tokens=self.max_new_tokens,
                                         num_beams=self.num_beams)

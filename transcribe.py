@@ -90,13 +90,10 @@ def transcribe_records(model, records, batch_size, max_new_tokens, num_beams, ma
     todo = sorted((r for r in records if "error" not in r), key=lambda r: r["duration"], reverse=True)
     with tqdm(total=len(todo), desc="transcribing", unit="file") as bar:
         for start in range(0, len(todo), batch_size):
-            batch, audios = [], []
-            for r in todo[start:start + batch_size]:
-                try:
-                    audios.append(data.read_audio(r["audio"], model.sampling_rate))
-                    batch.append(r)
-                except data.DataError as e:
-                    r["error"] = str(e)
+            batch, audios, bad = data.load_clips(lambda r: data.read_audio(r["audio"], model.sampling_rate),
+                                                 todo[start:start + batch_size])
+            for r, reason in bad:
+                r["error"] = reason
             if audios:
                 texts = model.transcribe(audios, batch_size=len(audios), max_new_tokens=max_new_tokens,
                                          num_beams=num_beams)
