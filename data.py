@@ -273,18 +273,26 @@ def add_durations(records, report, num_workers=8):
     return [r for r in records if r["duration"] is not None]
 
 
+def drop_reason(text, duration, min_duration=0.0, max_duration=float("inf")):
+    """Why a clip with this (normalized) transcript and duration is not trained on, or None to keep it."""
+    min_duration = max(min_duration, MIN_AUDIO_SAMPLES / SAMPLE_RATE)
+    if not text:
+        return "empty transcript"
+    if duration < min_duration:
+        return f"shorter than {min_duration:g} s"
+    if duration > max_duration:
+        return f"longer than --max_duration {max_duration:g} s"
+    return None
+
+
 def filter_records(records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True):
     """Normalizes transcripts and drops empty ones and clips outside [min_duration, max_duration] seconds."""
     kept = []
-    min_duration = max(min_duration, MIN_AUDIO_SAMPLES / SAMPLE_RATE)
     for r in records:
         text = normalize_transcript(r["text"], lowercase)
-        if not text:
-            report.add("empty transcript", r["id"])
-        elif r["duration"] < min_duration:
-            report.add(f"shorter than {min_duration:g} s", r["id"])
-        elif r["duration"] > max_duration:
-            report.add(f"longer than --max_duration {max_duration:g} s", r["id"])
+        reason = drop_reason(text, r["duration"], min_duration, max_duration)
+        if reason:
+            report.add(reason, r["id"])
         else:
             kept.append({**r, "text": text})
     return kept
@@ -342,10 +350,69 @@ class SpeechDataset(RecordDataset):
                         "The data is broken beyond skipping; check the paths and files.")
 
 
+class StreamingSpeechDataset(torch.utils.data.IterableDataset):
+    """Samples {id, audio, text, skipped, filtered} from a streaming hub dataset (`datasets.IterableDataset`,
+    audio undecoded), decoded and filtered as they arrive; `filtered` counts, per reason, the clips dropped
+    since the previous sample. Nothing is indexed up front, so there is no length: the run's length is
+    --max_steps.
+
+    Each rank reads its own part of the stream: whole shard files when they divide evenly over the ranks,
+    otherwise every world-th clip (undecoded bytes are cheap to pass over). DataLoader workers split that part
+    by shard file. The stream restarts, reshuffled, whenever this rank's part ends, so that ranks whose parts
+    differ in length still take the same number of steps (a rank that ran dry would hang the others)."""
+
+    def __init__(self, stream, rank=0, world=1, seed=0, shuffle_buffer=1000, min_duration=0.0,
+                 max_duration=float("inf"), lowercase=True, strict_data=False, sampling_rate=SAMPLE_RATE):
+        from datasets.distributed import split_dataset_by_node
+
+        if shuffle_buffer > 0:  # the same seed on every rank: they must agree on the shard order to split it
+            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.stream = split_dataset_by_node(stream, rank, world) if world > 1 else stream
+        self.shards_per_rank = stream.num_shards // world if stream.num_shards % world == 0 else stream.num_shards
+        self.min_duration, self.max_duration = min_duration, max_duration
+        self.lowercase = lowercase
+        self.strict_data = strict_data
+        self.sampling_rate = sampling_rate
+
+    def __iter__(self):
+        epoch = 0
+        skipped, filtered = [], Counter()
+        while True:
+            self.stream.set_epoch(epoch)  # a new shard order and shuffle for each pass
+            seen = kept = 0
+            for row in self.stream:
+                seen += 1
+                audio = row["audio"]
+                try:
+                    samples = read_audio(audio.get("bytes") or audio["path"], self.sampling_rate)
+                except DataError as e:
+                    if self.strict_data:
+                        raise DataError(f"{row['id']}: {e} (--strict_data is on)") from None
+                    logger.warning(f"skipping {row['id']}: {e}")
+                    skipped.append((row["id"], str(e)))
+                    continue
+                text = normalize_transcript(row["text"], self.lowercase)
+                reason = drop_reason(text, len(samples) / self.sampling_rate, self.min_duration, self.max_duration)
+                if reason:
+                    if self.strict_data:
+                        raise DataError(f"{row['id']}: {reason} (--strict_data is on)")
+                    filtered[reason] += 1
+                    continue
+                yield dict(id=row["id"], audio=samples, text=text, skipped=skipped, filtered=dict(filtered))
+                skipped, filtered = [], Counter()
+                kept += 1
+            if seen == 0:
+                return  # a DataLoader worker left without shard files: the other workers carry the stream
+            if kept == 0:
+                raise DataError(f"a whole pass over the stream gave no usable clip ({seen} read; dropped: "
+                                f"{dict(filtered)}, unreadable: {len(skipped)}): check the split and the filters")
+            epoch += 1
+
+
 class SpeechCollator:
     """Samples -> what SlamASR.forward takes (input_values and audio_lengths, or cached encoder_frames and
-    frame_lengths; labels), plus `data_stats`
-    (skipped and truncated counts) that the trainer pops before the forward."""
+    frame_lengths; labels), plus `data_stats` (clips skipped or filtered out, transcripts truncated) that the
+    trainer pops before the forward."""
 
     def __init__(self, feature_extractor, tokenizer, max_target_tokens=None):
         self.feature_extractor = feature_extractor
@@ -355,7 +422,10 @@ class SpeechCollator:
     def __call__(self, samples):
         labels, truncated = prepare_labels(self.tokenizer, [s["text"] for s in samples], self.max_target_tokens)
         skipped = [item for s in samples for item in s["skipped"]]
-        batch = dict(labels=labels, data_stats=dict(skipped=skipped, truncated=truncated))
+        filtered = Counter()
+        for s in samples:  # only a stream filters while batching; indexed data is filtered up front
+            filtered.update(s.get("filtered", {}))
+        batch = dict(labels=labels, data_stats=dict(skipped=skipped, truncated=truncated, filtered=dict(filtered)))
         if "frames" in samples[0]:  # from the feature cache
             batch["encoder_frames"], batch["frame_lengths"] = collate_frames(samples)
         else:

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,12 @@ class DataArguments:
         "help": "Hub dataset with LibriSpeech's schema, e.g. openslr/librispeech_asr."})
     dataset_config: str | None = field(default=None, metadata={
         "help": "Config of --dataset_name: clean, other or all."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stream --dataset_name instead of downloading it first: clips are decoded and filtered as they "
+                "arrive (needs --max_steps); the first --max_eval_samples clips of the eval split are held in memory."})
+    shuffle_buffer_size: int = field(default=1000, metadata={
+        "help": "With --streaming: clips held in the shuffle buffer (undecoded, ~0.3 MB each); 0 keeps the "
+                "stream's order."})
     train_split: str = field(default="train-clean-100", metadata={
         "help": "Training split: comma-separated folder names with --librispeech_dir (train-clean-100,"
                 "train-clean-360); a split name with --dataset_name (train.clean.100+train.clean.360)."})
@@ -120,6 +127,7 @@ class SlamASRTrainer(Trainer):
         self.num_beams = num_beams
         self.max_nonfinite_steps = max_nonfinite_steps
         self.data_counts = {"skipped": 0, "truncated": 0, "nonfinite_steps": 0}
+        self.filtered = Counter()  # per reason, clips a stream dropped while training (indexed data: up front)
         self.consecutive_nonfinite = 0
 
     # --- data bookkeeping and non-finite steps -------------------------------------------------------------
@@ -129,6 +137,7 @@ class SlamASRTrainer(Trainer):
         if model.training:
             self.data_counts["skipped"] += len(stats["skipped"])
             self.data_counts["truncated"] += stats["truncated"]
+            self.filtered.update(stats["filtered"])
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -160,6 +169,19 @@ class SlamASRTrainer(Trainer):
             logs = {**logs, "skipped_clips": self.data_counts["skipped"],
                     "nonfinite_steps": self.data_counts["nonfinite_steps"]}
         super().log(logs, start_time)
+
+    def get_train_dataloader(self):
+        if not isinstance(self.train_dataset, data.StreamingSpeechDataset):
+            return super().get_train_dataloader()
+        # The stream splits itself over ranks; accelerate's prepare() would split it again (or have rank 0
+        # read for everyone), so the loader stays plain and Trainer moves each batch to the device.
+        args = self.args
+        workers = min(args.dataloader_num_workers, self.train_dataset.shards_per_rank)
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+            num_workers=workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length":
@@ -296,7 +318,14 @@ def load_split(data_args, split, manifest, sampling_rate, what, max_samples=None
     elif data_args.librispeech_dir:
         records = data.index_librispeech(data_args.librispeech_dir, split, report)
     elif data_args.dataset_name:
-        hub = data.load_hub_librispeech(data_args.dataset_name, data_args.dataset_config, split)
+        hub = data.load_hub_librispeech(data_args.dataset_name, data_args.dataset_config, split,
+                                        streaming=data_args.streaming)
+        if data_args.streaming:  # an eval split is small: its first clips are held in memory, then indexed
+            import datasets
+
+            rows = list(tqdm(hub.take(max_samples) if max_samples is not None else hub, total=max_samples,
+                             desc=f"reading {what} clips from the stream"))
+            hub = datasets.Dataset.from_list(rows)
         records, hub_dataset = data.records_from_hub(hub, report)
     else:
         raise ValueError("no data: pass --librispeech_dir, --dataset_name or --train_manifest")
@@ -304,6 +333,16 @@ def load_split(data_args, split, manifest, sampling_rate, what, max_samples=None
         records = records[:max_samples]
     return data.build_dataset(what, records, report, data_args.min_duration, data_args.max_duration,
                               data_args.lowercase, hub_dataset, data_args.strict_data, sampling_rate)
+
+
+def load_train_stream(data_args, training_args, sampling_rate):
+    """The training split of --dataset_name as a stream: this rank's part, decoded and filtered on the fly."""
+    stream = data.load_hub_librispeech(data_args.dataset_name, data_args.dataset_config, data_args.train_split,
+                                       streaming=True)
+    return data.StreamingSpeechDataset(
+        stream, training_args.process_index, training_args.world_size, training_args.seed,
+        data_args.shuffle_buffer_size, data_args.min_duration, data_args.max_duration, data_args.lowercase,
+        data_args.strict_data, sampling_rate)
 
 
 def parse_args(argv):
@@ -327,6 +366,17 @@ def parse_args(argv):
         raise ValueError("--sortish_sampler is not used by finetune.py: use --group_by_length")
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collator's batch is what the model takes")
+    if data_args.streaming:
+        conflicts = dict(train_manifest=data_args.train_manifest, librispeech_dir=data_args.librispeech_dir,
+                         group_by_length=data_args.group_by_length, feature_cache=data_args.feature_cache)
+        given = [f"--{name}" for name, value in conflicts.items() if value]
+        if not data_args.dataset_name or given:
+            raise ValueError("--streaming reads --dataset_name as it downloads, with no index of the clips: it needs "
+                             "--dataset_name and cannot be combined with " + (", ".join(given) or
+                             "--train_manifest, --librispeech_dir, --group_by_length or --feature_cache"))
+        if training_args.max_steps <= 0:
+            raise ValueError("--streaming has no epoch length to count: set --max_steps (e.g. 960 h of LibriSpeech "
+                             "at 16 clips x 8 GPUs per step is about 2,200 steps per epoch)")
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
     if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:
@@ -384,8 +434,11 @@ def main(argv=None):
 
     # 5. Data
     with training_args.main_process_first(desc="indexing data"):
-        train_dataset = load_split(data_args, data_args.train_split, data_args.train_manifest, model.sampling_rate,
-                                   "train")
+        if data_args.streaming:
+            train_dataset = load_train_stream(data_args, training_args, model.sampling_rate)
+        else:
+            train_dataset = load_split(data_args, data_args.train_split, data_args.train_manifest,
+                                       model.sampling_rate, "train")
         eval_dataset = None
         if training_args.do_eval:
             eval_dataset = load_split(data_args, data_args.eval_split, data_args.eval_manifest, model.sampling_rate,
@@ -398,7 +451,10 @@ def main(argv=None):
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     hours = lambda ds: sum(ds.durations) / 3600 if ds is not None else 0.0  # noqa: E731
     logger.info(f"parameters: {trainable:,} trainable (adapter), {frozen:,} frozen (encoder + LLM)")
-    logger.info(f"train: {len(train_dataset):,} clips, {hours(train_dataset):.2f} h"
+    train_summary = (f"streaming {data_args.dataset_name} {data_args.train_split} (decoded and filtered as it "
+                     f"arrives)" if data_args.streaming else
+                     f"{len(train_dataset):,} clips, {hours(train_dataset):.2f} h")
+    logger.info(f"train: {train_summary}"
                 + (f"; eval: {len(eval_dataset):,} clips, {hours(eval_dataset):.2f} h" if eval_dataset else ""))
 
     # 6. Train
@@ -415,11 +471,14 @@ def main(argv=None):
     except NonFiniteTraining as e:
         logger.error(str(e))
         return 1
-    counts = trainer.data_counts
+    counts, filtered = trainer.data_counts, trainer.filtered
     if training_args.world_size > 1:  # each rank counted what its own loader skipped
         counts = {k: sum(c[k] for c in gather_object([counts])) for k in counts}
+        filtered = sum((Counter(f) for f in gather_object([dict(filtered)])), Counter())
     logger.info(f"data: {counts['skipped']} clips skipped while loading, {counts['truncated']} transcripts "
                 f"truncated to {data_args.max_target_tokens} tokens, {counts['nonfinite_steps']} non-finite steps")
+    if filtered:
+        logger.info("data: the stream's filters dropped " + ", ".join(f"{n} {r}" for r, n in filtered.most_common()))
     if stop.received:
         logger.warning(f"stopped by {stop.received} at step {trainer.state.global_step}; checkpoint saved. Resume "
                        f"with the same command plus --resume_from_checkpoint last")

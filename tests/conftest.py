@@ -28,6 +28,40 @@ def read_split(split):
     return audios, texts
 
 
+def hub_rows(split):
+    """The fixture split as rows of the hub copy's schema (openslr/librispeech_asr), audio as flac bytes."""
+    rows = []
+    for trans in sorted((FIXTURE / split).glob("*/*/*.trans.txt")):
+        for line in trans.read_text().splitlines():
+            utt, text = line.split(" ", 1)
+            path = trans.parent / f"{utt}.flac"
+            speaker, chapter, _ = utt.split("-")
+            rows.append(dict(file=str(path), audio={"bytes": path.read_bytes(), "path": path.name}, text=text,
+                             speaker_id=int(speaker), chapter_id=int(chapter), id=utt))
+    return rows
+
+
+def hub_dataset(rows):
+    import datasets
+    return datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio(decode=False))
+
+
+@pytest.fixture(scope="session")
+def hub_copy(tmp_path_factory):
+    """A local folder laid out like the hub repo: parquet shards per split, configs in README.md, so that
+    `datasets.load_dataset(folder, "clean", split="train.100", streaming=...)` runs the real loading code."""
+    root = tmp_path_factory.mktemp("librispeech_asr")
+    layout = {"train.100": ("train-clean-100", 4), "validation": ("dev-clean", 1), "test": ("test-clean", 2)}
+    for split, (folder, shards) in layout.items():
+        dataset = hub_dataset(hub_rows(folder))
+        (root / "clean" / split).mkdir(parents=True)
+        for i in range(shards):
+            dataset.shard(shards, i, contiguous=True).to_parquet(str(root / "clean" / split / f"{i:05d}.parquet"))
+    files = "".join(f"  - split: {split}\n    path: clean/{split}/*.parquet\n" for split in layout)
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: clean\n  data_files:\n{files}---\n")
+    return root
+
+
 @pytest.fixture(scope="session")
 def train_clips():
     return read_split("train-clean-100")

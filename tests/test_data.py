@@ -1,3 +1,4 @@
+import itertools
 import json
 import shutil
 
@@ -5,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import FIXTURE
+from conftest import FIXTURE, hub_dataset, hub_rows
 
 import data
 from model import tiny_backbones
@@ -37,23 +38,53 @@ def test_librispeech_folder():
 
 
 def test_hub_schema_built_locally(clip):
-    import datasets
-    rows = []
-    for trans in sorted((FIXTURE / "dev-clean").glob("*/*/*.trans.txt")):
-        for line in trans.read_text().splitlines():
-            utt, text = line.split(" ", 1)
-            path = trans.parent / f"{utt}.flac"
-            speaker, chapter, _ = utt.split("-")
-            rows.append(dict(file=str(path), audio={"bytes": path.read_bytes(), "path": path.name}, text=text,
-                             speaker_id=int(speaker), chapter_id=int(chapter), id=utt))
-    hub = datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio(decode=False))
+    rows = hub_rows("dev-clean")
     report = data.DataReport("hub")
-    records, hub = data.records_from_hub(hub, report)
+    records, hub = data.records_from_hub(hub_dataset(rows), report)
     assert [r["id"] for r in records] == [r["id"] for r in rows]
     dataset = data.build_dataset("hub", records, report, hub_dataset=hub)
     audio, _ = sf.read(rows[2]["file"], dtype="float32")
     np.testing.assert_array_equal(dataset[2]["audio"], audio)
     assert dataset[2]["text"] == rows[2]["text"].lower()
+
+
+@pytest.mark.parametrize("world", [2, 3])  # 4 shards: split by shard over 2 ranks, by clip over 3
+def test_stream_splits_over_ranks_and_restarts_reshuffled(world):
+    rows = hub_rows("train-clean-100")
+    stream = hub_dataset(rows).to_iterable_dataset(num_shards=4)  # (finetune tests stream parquet shards)
+    every = [r["id"] for r in rows]
+    passes = []
+    for rank in range(world):
+        part = data.StreamingSpeechDataset(stream, rank, world, seed=3, shuffle_buffer=4)
+        n = len(every[rank::world])
+        ids = [s["id"] for s in itertools.islice(part, 3 * n)]  # three passes over this rank's part
+        passes.append([ids[:n], ids[n:2 * n], ids[2 * n:]])
+    for n in range(3):  # in every pass the ranks together cover the split once, without overlap
+        assert sorted(sum((p[n] for p in passes), [])) == sorted(every)
+    assert any(p[0] != p[1] or p[1] != p[2] for p in passes)  # each pass shuffled anew
+    sample = next(iter(data.StreamingSpeechDataset(stream, shuffle_buffer=0)))
+    audio, _ = sf.read(rows[0]["file"], dtype="float32")
+    np.testing.assert_array_equal(sample["audio"], audio)
+    assert sample["id"] == rows[0]["id"] and sample["text"] == rows[0]["text"].lower()
+
+
+def test_stream_skips_bad_clips_and_counts_what_it_filters(clip):
+    rows = hub_rows("dev-clean")
+    rows[1]["audio"] = {"bytes": b"not audio at all", "path": "broken.flac"}
+    rows[2]["text"] = "  "
+    stream = hub_dataset(rows).to_iterable_dataset(num_shards=2)
+    samples = list(itertools.islice(data.StreamingSpeechDataset(stream, shuffle_buffer=0), 2))
+    assert [s["id"] for s in samples] == [rows[0]["id"], rows[3]["id"]]
+    assert samples[0]["skipped"] == [] and samples[0]["filtered"] == {}
+    assert [i for i, _ in samples[1]["skipped"]] == [rows[1]["id"]]
+    assert samples[1]["filtered"] == {"empty transcript": 1}
+    _, _, tokenizer, fe = tiny_backbones()
+    stats = data.SpeechCollator(fe, tokenizer)(samples)["data_stats"]  # what the trainer counts
+    assert stats["filtered"] == {"empty transcript": 1} and len(stats["skipped"]) == 1
+    with pytest.raises(data.DataError, match="cannot read audio.*strict_data"):
+        list(itertools.islice(data.StreamingSpeechDataset(stream, shuffle_buffer=0, strict_data=True), 2))
+    with pytest.raises(data.DataError, match="no usable clip"):
+        next(iter(data.StreamingSpeechDataset(stream, shuffle_buffer=0, max_duration=0.1)))
 
 
 def test_manifest_and_malformed_lines(tmp_path, clip):
@@ -180,5 +211,5 @@ def test_collator_shapes_and_masks(clip):
     assert batch["labels"][0].tolist() == short  # fits exactly: not truncated
     assert batch["labels"].shape[1] == len(short)
     assert batch["labels"][1, -1] == tokenizer.eos_token_id  # truncated, EOS kept
-    assert batch["data_stats"] == {"skipped": [("x", "bad")], "truncated": 1}
+    assert batch["data_stats"] == {"skipped": [("x", "bad")], "truncated": 1, "filtered": {}}
     assert torch.isfinite(batch["input_values"]).all()

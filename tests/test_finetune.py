@@ -8,19 +8,18 @@ import time
 
 import pytest
 import torch
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE, ROOT, hub_rows
 from safetensors.torch import load_file
 
 import finetune
 from model import CONFIG_NAME, WEIGHTS_NAME, SlamASR
 
 
-def tiny_args(out, *extra, steps=8):
-    return ["--encoder", "tiny", "--llm", "tiny", "--adapter_hidden", "256", "--librispeech_dir", str(FIXTURE),
-            "--output_dir", str(out), "--use_cpu", "--max_steps", str(steps), "--per_device_train_batch_size", "4",
-            "--learning_rate", "3e-3", "--warmup_steps", "0", "--eval_steps", "4", "--save_steps", "4",
-            "--logging_steps", "2", "--max_new_tokens", "8", "--dataloader_num_workers", "0", "--seed", "7",
-            *extra]
+def tiny_args(out, *extra, steps=8, source=("--librispeech_dir", str(FIXTURE))):
+    return ["--encoder", "tiny", "--llm", "tiny", "--adapter_hidden", "256", *source, "--output_dir", str(out),
+            "--use_cpu", "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+            "--warmup_steps", "0", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "2",
+            "--max_new_tokens", "8", "--dataloader_num_workers", "0", "--seed", "7", *extra]
 
 
 def adapter_weights(path):
@@ -157,6 +156,61 @@ def test_two_process_data_parallel_run(tmp_path):
     assert model.config.adapter == "linear"
     shards = {p.name.split("-")[0] for p in (tmp_path / "cache").glob("*/*.safetensors")}
     assert shards == {"rank0", "rank1"}  # each rank encoded its share of the training clips
+
+
+def hub_source(hub_copy, *extra):
+    return ("--dataset_name", str(hub_copy), "--dataset_config", "clean", "--train_split", "train.100",
+            "--eval_split", "validation", *extra)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_trains_from_the_hub_copy(tmp_path, hub_copy, monkeypatch, caplog, streaming):
+    import datasets
+    # a parquet stream pauses 5 s each time a pass over it ends (datasets' pyarrow shutdown workaround)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.2)
+    out = tmp_path / "out"
+    extra = ("--streaming", "--shuffle_buffer_size", "4") if streaming else ()
+    # 6 steps of 4 clips: three passes over the 8 training clips, which a stream must restart for
+    args = tiny_args(out, "--max_eval_samples", "3", "--eval_steps", "6", "--dataloader_num_workers", "2",
+                     steps=6, source=hub_source(hub_copy, *extra))
+    with caplog.at_level("INFO"):
+        assert finetune.main(args) == 0
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert ("train: streaming" in log) == streaming and ("train: 8 clips" in log) != streaming
+    rows = [json.loads(line) for line in (out / "predictions_step6.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in hub_rows("dev-clean")[:3])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and all(torch.isfinite(torch.tensor(h["loss"]))
+                                             for h in state["log_history"] if "loss" in h)
+    SlamASR.load_adapter(out)
+
+
+def test_streaming_refuses_what_needs_an_index():
+    base = ["--output_dir", "x", "--streaming"]
+    with pytest.raises(ValueError, match="needs --dataset_name"):
+        finetune.parse_args([*base, "--librispeech_dir", "y", "--max_steps", "5"])
+    with pytest.raises(ValueError, match="--group_by_length"):
+        finetune.parse_args([*base, "--dataset_name", "d", "--group_by_length", "--max_steps", "5"])
+    with pytest.raises(ValueError, match="set --max_steps"):
+        finetune.parse_args([*base, "--dataset_name", "d"])
+    assert finetune.parse_args([*base, "--dataset_name", "d", "--max_steps", "5"])[1].streaming
+
+
+def test_two_process_streaming_run(tmp_path, hub_copy):
+    out = tmp_path / "ddp"
+    # each rank streams its two parquet shards (4 clips); 3 steps of 2 clips run past the end of its part
+    # (unshuffled: a shuffle buffer larger than the part would read it whole before the first step, and each
+    # pass over a parquet stream ends with a 5 s pause in datasets)
+    proc = run_script(["torchrun", "--nproc_per_node", "2", "--master_port", "29534", "finetune.py",
+                       *tiny_args(out, "--per_device_train_batch_size", "2", "--report_to", "none",
+                                  "--max_eval_samples", "4", "--eval_steps", "3", steps=3,
+                                  source=hub_source(hub_copy, "--streaming", "--shuffle_buffer_size", "0"))],
+                      env_extra={"ACCELERATE_USE_CPU": "true"})
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert len((out / "predictions_step3.jsonl").read_text().splitlines()) == 4  # gathered from both ranks
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    SlamASR.load_adapter(out)
 
 
 def test_script_sh_launches_a_valid_command(tmp_path):
