@@ -552,18 +552,29 @@ def collate_frames(samples):
     return frames, lengths
 
 
-def duration_batches(durations, max_batch_seconds, seed=0):
+def duration_batches(durations, max_batch_seconds, seed=0, jitter=0.0):
     """Index batches whose padded audio (longest clip x clips) stays within max_batch_seconds: clips sorted by
-    duration so that neighbours share a batch, then the batches shuffled."""
-    order = sorted(range(len(durations)), key=lambda i: durations[i])
-    batches, current = [], []
-    for i in order:
-        if current and durations[i] * (len(current) + 1) > max_batch_seconds:
+    duration, neighbours batched together, the batches shuffled. `jitter` (seconds) perturbs the sort keys so
+    that each seed (epoch) batches other neighbours together, at a small cost in padding."""
+    rng = np.random.default_rng(seed)
+    keys = np.asarray(durations, dtype=np.float64)
+    if jitter:
+        keys = keys + rng.uniform(-jitter, jitter, len(keys))
+    batches, current, longest = [], [], 0.0
+    for i in np.argsort(keys, kind="stable").tolist():
+        with_this = max(longest, durations[i])
+        if current and with_this * (len(current) + 1) > max_batch_seconds:
             batches.append(current)
-            current = []
+            current, with_this = [], durations[i]
         current.append(i)
+        longest = with_this
     if current:
         batches.append(current)
-    rng = np.random.default_rng(seed)
     rng.shuffle(batches)
     return batches
+
+
+def padding_fraction(durations, batches):
+    """The share of the padded audio (longest clip x clips, per batch) that is padding."""
+    padded = sum(max(durations[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(durations[i] for b in batches for i in b) / padded

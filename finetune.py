@@ -24,7 +24,7 @@ import transformers
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import data
@@ -81,6 +81,10 @@ class DataArguments:
     lowercase: bool = field(default=True, metadata={"help": "Lower-case transcripts (LibriSpeech is upper case)."})
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch clips of similar duration together (less padding)."})
+    max_batch_seconds: float | None = field(default=None, metadata={
+        "help": "Training batches by audio duration instead of clip count: clips of similar duration together, "
+                "at most this many padded audio seconds per batch and GPU (replaces --per_device_train_batch_size "
+                "in training; the least padding of all)."})
     strict_data: bool = field(default=False, metadata={
         "help": "Stop on the first bad clip or index entry instead of skipping and counting it."})
     feature_cache: str | None = field(default=None, metadata={
@@ -118,15 +122,50 @@ class StopOnSignal(TrainerCallback):
             signal.signal(sig, handler)
 
 
+class DurationBatchSampler(BatchRebalanceSampler):
+    """This rank's share of `data.duration_batches`, batched anew each epoch. Trainer gives a
+    BatchRebalanceSampler to the DataLoader as its batch sampler and keeps accelerate from splitting it over
+    ranks again, which is what a rank-aware sampler of variable-size batches needs; the parent's fixed-size
+    balancing is not used, so its __init__ is not called."""
+
+    JITTER_SECONDS = 0.1  # enough for other neighbours to share a batch each epoch; costs ~1% padding
+
+    def __init__(self, durations, max_batch_seconds, rank=0, world=1, seed=0):
+        self.durations, self.max_batch_seconds = durations, max_batch_seconds
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        # the batch count moves a little with the jitter: fix it, so every rank and epoch has the same length
+        self.batches_per_rank = len(self.all_batches(0)) // world
+        if self.batches_per_rank == 0:
+            raise ValueError(f"--max_batch_seconds {max_batch_seconds:g} gives fewer batches than the "
+                             f"{world} processes: lower it")
+
+    def all_batches(self, epoch):
+        return data.duration_batches(self.durations, self.max_batch_seconds, self.seed + epoch,
+                                     jitter=self.JITTER_SECONDS)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.batches_per_rank
+
+    def __iter__(self):
+        batches = self.all_batches(self.epoch)
+        needed = self.batches_per_rank * self.world
+        batches = (batches * (needed // len(batches) + 1))[:needed]  # cut (or wrap) to an equal share per rank
+        return iter(batches[self.rank::self.world])
+
+
 class SlamASRTrainer(Trainer):
     def __init__(self, *args, wer_dataset=None, max_new_tokens=200, num_beams=1, max_nonfinite_steps=25,
-                 **kwargs):
+                 max_batch_seconds=None, **kwargs):
+        self.max_batch_seconds = max_batch_seconds  # read while Trainer builds its loaders
         super().__init__(*args, **kwargs)
         self.wer_dataset = wer_dataset
         self.max_new_tokens = max_new_tokens
         self.num_beams = num_beams
         self.max_nonfinite_steps = max_nonfinite_steps
-        self.data_counts = {"skipped": 0, "truncated": 0, "nonfinite_steps": 0}
+        self.data_counts = {"samples": 0, "skipped": 0, "truncated": 0, "nonfinite_steps": 0}
         self.filtered = Counter()  # per reason, clips a stream dropped while training (indexed data: up front)
         self.consecutive_nonfinite = 0
 
@@ -135,6 +174,7 @@ class SlamASRTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         stats = inputs.pop("data_stats")
         if model.training:
+            self.data_counts["samples"] += len(inputs["labels"])
             self.data_counts["skipped"] += len(stats["skipped"])
             self.data_counts["truncated"] += stats["truncated"]
             self.filtered.update(stats["filtered"])
@@ -184,9 +224,12 @@ class SlamASRTrainer(Trainer):
             prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None)
 
     def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.max_batch_seconds:
+            return DurationBatchSampler(dataset.durations, self.max_batch_seconds, self.args.process_index,
+                                        self.args.world_size, self.args.seed)
         if self.args.train_sampling_strategy == "group_by_length":
             # durations are the lengths: grouping by them is what cuts the padding
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=dataset.durations)
         return super()._get_train_sampler(train_dataset)
@@ -369,20 +412,43 @@ def parse_args(argv):
     if data_args.streaming:
         conflicts = dict(train_manifest=data_args.train_manifest, librispeech_dir=data_args.librispeech_dir,
                          group_by_length=data_args.group_by_length, feature_cache=data_args.feature_cache)
+        conflicts["max_batch_seconds"] = data_args.max_batch_seconds
         given = [f"--{name}" for name, value in conflicts.items() if value]
         if not data_args.dataset_name or given:
             raise ValueError("--streaming reads --dataset_name as it downloads, with no index of the clips: it needs "
                              "--dataset_name and cannot be combined with " + (", ".join(given) or
-                             "--train_manifest, --librispeech_dir, --group_by_length or --feature_cache"))
+                             "--train_manifest, --librispeech_dir, --group_by_length, --max_batch_seconds or "
+                             "--feature_cache"))
         if training_args.max_steps <= 0:
             raise ValueError("--streaming has no epoch length to count: set --max_steps (e.g. 960 h of LibriSpeech "
                              "at 16 clips x 8 GPUs per step is about 2,200 steps per epoch)")
+    if data_args.max_batch_seconds is not None:
+        if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
+            raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "
+                             "--group_by_length")
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
     if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:
         training_args.eval_strategy = "no"
         training_args.do_eval = False
     return model_args, data_args, training_args
+
+
+def describe_batches(trainer):
+    """One epoch of training batches as Trainer will draw them (this rank's, for duration batches): count,
+    mean size, padding. Read from durations alone, under a forked RNG so that training draws the same."""
+    durations = trainer.train_dataset.durations
+    with torch.random.fork_rng():
+        sampler = trainer._get_train_sampler()
+        if isinstance(sampler, DurationBatchSampler):
+            batches = list(sampler)
+        else:  # a sampler of clips, cut into batches of the per-device size (ranks take turns)
+            order, size = list(sampler), trainer._train_batch_size
+            batches = [order[i:i + size] for i in range(0, len(order), size)]
+    seconds = sum(durations[i] for b in batches for i in b)
+    return (f"{len(batches):,} batches per epoch{' per process' if isinstance(sampler, DurationBatchSampler) else ''}"
+            f", {sum(map(len, batches)) / len(batches):.1f} clips and {seconds / len(batches):.0f} audio s each on "
+            f"average, {100 * data.padding_fraction(durations, batches):.1f}% of the padded audio is padding")
 
 
 def fill_feature_cache(model, train_dataset, data_args, training_args):
@@ -464,8 +530,10 @@ def main(argv=None):
         data_collator=collator, callbacks=[stop],
         wer_dataset=eval_dataset if training_args.predict_with_generate else None,
         max_new_tokens=data_args.max_new_tokens, num_beams=training_args.generation_num_beams or 1,
-        max_nonfinite_steps=data_args.max_nonfinite_steps,
+        max_nonfinite_steps=data_args.max_nonfinite_steps, max_batch_seconds=data_args.max_batch_seconds,
     )
+    if not data_args.streaming:
+        logger.info(f"train batches: {describe_batches(trainer)}")
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except NonFiniteTraining as e:
@@ -483,6 +551,9 @@ def main(argv=None):
         logger.warning(f"stopped by {stop.received} at step {trainer.state.global_step}; checkpoint saved. Resume "
                        f"with the same command plus --resume_from_checkpoint last")
         return 128 + (signal.SIGINT if stop.received == "SIGINT" else signal.SIGTERM)
+
+    # Trainer counts steps x nominal batch size; duration batches vary in size, so report what was trained on
+    result.metrics["train_samples_per_second"] = round(counts["samples"] / result.metrics["train_runtime"], 3)
 
     # 7. Save the adapter at the top of output_dir, then a final evaluation
     trainer.save_model()

@@ -67,9 +67,10 @@ def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
     assert (out / "checkpoint-8" / finetune.COMPLETE_MARKER).is_file()
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batching", [(), ("--max_batch_seconds", "7")])  # duration batches: 2 per epoch
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, batching):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ("--eval_split", "", "--save_total_limit", "5")
+    args = ("--eval_split", "", "--save_total_limit", "5", *batching)
     assert finetune.main(tiny_args(straight, *args, steps=12)) == 0
 
     original = finetune.SlamASRTrainer.training_step
@@ -146,11 +147,12 @@ def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, sig):
 def test_two_process_data_parallel_run(tmp_path):
     out = tmp_path / "ddp"
     proc = run_script(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "finetune.py",
-                       *tiny_args(out, "--per_device_train_batch_size", "2", "--report_to", "none",
+                       *tiny_args(out, "--max_batch_seconds", "8", "--report_to", "none",
                                   "--feature_cache", str(tmp_path / "cache"), steps=4)],
                       env_extra={"ACCELERATE_USE_CPU": "true"})
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
+    assert "batches per epoch per process" in output  # each rank drew its share of the duration batches
     assert len((out / "predictions_step4.jsonl").read_text().splitlines()) == 4  # gathered from both ranks
     model = SlamASR.load_adapter(out)
     assert model.config.adapter == "linear"

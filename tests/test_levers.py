@@ -75,10 +75,9 @@ def test_duration_batches_and_same_summed_loss(train_set):
     assert sorted(i for b in batches for i in b) == list(range(len(durations)))
     for b in batches:
         assert len(b) == 1 or max(durations[i] for i in b) * len(b) <= 6.0
-    padding = lambda bs: 1 - sum(durations) / sum(max(durations[i] for i in b) * len(b) for b in bs)  # noqa: E731
     rng = np.random.default_rng(0)
     random_batches = np.array_split(rng.permutation(len(durations)), len(batches))
-    assert padding(batches) <= padding(random_batches)
+    assert data.padding_fraction(durations, batches) <= data.padding_fraction(durations, random_batches)
     model = make_model()
     collator = data.SpeechCollator(model.feature_extractor, model.tokenizer)
 
@@ -92,6 +91,30 @@ def test_duration_batches_and_same_summed_loss(train_set):
         return total
 
     assert summed(batches) == pytest.approx(summed(random_batches), rel=1e-4)
+
+
+def test_duration_batch_sampler_gives_ranks_equal_disjoint_shares():
+    from finetune import DurationBatchSampler
+    rng = np.random.default_rng(0)
+    durations = list(2 + 18 * rng.beta(3.0, 2.4, size=600))  # LibriSpeech-like, as in bench.py
+    ranks = [DurationBatchSampler(durations, 120.0, rank, 2, seed=5) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    epochs = []
+    for epoch in range(3):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        shares = [list(sampler) for sampler in ranks]
+        assert [len(s) for s in shares] == [len(ranks[0])] * 2  # same step count on both ranks, every epoch
+        clips = [i for share in shares for b in share for i in b]
+        assert len(clips) == len(set(clips))  # no clip twice in an epoch (batches are cut, not wrapped, here)
+        assert len(clips) > 0.95 * len(durations)
+        for b in shares[0] + shares[1]:
+            assert max(durations[i] for i in b) * len(b) <= 120.0
+        epochs.append({tuple(sorted(b)) for share in shares for b in share})
+        random_batches = np.array_split(rng.permutation(len(durations)), len(shares[0]) * 2)
+        assert data.padding_fraction(durations, shares[0] + shares[1]) < 0.05 < data.padding_fraction(
+            durations, random_batches)
+    assert len(epochs[0] & epochs[1]) < 0.5 * len(epochs[0])  # other neighbours share batches each epoch
 
 
 def test_half_precision_backbones_keep_the_loss(train_set):
