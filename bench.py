@@ -272,7 +272,8 @@ def main(argv=None):
         print(f"{r['config']:9s} {r['audio_s_per_s']:10.2f} {100 * r['mfu']:5.1f}% {100 * r['padding']:7.1f}% "
               f"{mem:>9s} {r['hours_per_epoch']:16.2f}")
     by_name = {r["config"]: r for r in results}
-    summary = dict(size=args.size, device=str(device), dtype=str(half or torch.float32), batch_clips=naive_batch,
+    summary = dict(size=args.size, device=str(device), dtype=str(half or torch.float32), compiled_llm=args.compile,
+                   batch_clips=naive_batch,
                    max_batch_seconds=max_batch_seconds, matmul_peak_flops=peak, decode_audio_s_per_cpu_s=decode,
                    results=results)
     if "naive" in by_name and "all" in by_name:

@@ -130,6 +130,26 @@ def test_half_precision_backbones_keep_the_loss(train_set):
         torch.testing.assert_close(half(*inputs).loss, full(*inputs).loss, rtol=3e-2, atol=0)
 
 
+def test_compiled_llm_body_keeps_the_loss_and_gradients(train_set):
+    # what bench.py --compile does: torch.compile the LLM body, shapes dynamic (every batch differs)
+    model = make_model()
+    batch = data.SpeechCollator(model.feature_extractor, model.tokenizer)([train_set[i] for i in range(3)])
+    inputs = (batch["input_values"], batch["audio_lengths"], batch["labels"])
+    model.train()
+
+    def loss_and_grad():
+        model.adapter.zero_grad()
+        loss = model(*inputs).loss
+        loss.backward()
+        return loss.detach(), model.adapter.proj[0].weight.grad.clone()
+
+    eager = loss_and_grad()
+    model.llm.model = torch.compile(model.llm.model, dynamic=True)
+    compiled = loss_and_grad()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-5)
+
+
 def test_bench_smoke(tmp_path):
     import bench
     summary = bench.main(["--size", "tiny", "--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "1",
