@@ -25,6 +25,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import data
@@ -244,6 +245,17 @@ class SlamASRTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         if self.args.should_save:
             self.accelerator.unwrap_model(self.model).save_adapter(output_dir or self.args.output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        # The engine's checkpoint would also hold the frozen backbones (gigabytes); Trainer leaves them out only
+        # for PEFT models, so say it here. The scheduler is Trainer's own unless the DeepSpeed config names one.
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -210,6 +210,13 @@ class SlamASR(nn.Module):
         self.llm.eval()
         return self
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """As nn.Module's, except that frozen parameters may be left out: they come from the backbones'
+        own checkpoints, and a trainer's checkpoint holds only what trains (DeepSpeed's, saved with
+        `exclude_frozen_parameters`). Everything else stays strict: every trainable tensor must be there."""
+        frozen = {name: p for name, p in self.named_parameters() if not p.requires_grad and name not in state_dict}
+        return super().load_state_dict({**frozen, **state_dict}, strict=strict, assign=assign)
+
     @property
     def device(self):
         return self.prefix_ids.device

@@ -215,6 +215,25 @@ def test_two_process_streaming_run(tmp_path, hub_copy):
     SlamASR.load_adapter(out)
 
 
+def test_deepspeed_zero2_checkpoints_hold_no_frozen_weights_and_resume(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "ds"
+    # the shipped config, on 2 CPU processes (DeepSpeed's CPU accelerator, gloo) in fp32
+    launch = ["accelerate", "launch", "--config_file", "configs/deepspeed_zero2.yaml", "--num_processes", "2",
+              "--mixed_precision", "no", "--main_process_port", "29535", "finetune.py"]
+    args = ("--eval_split", "", "--per_device_train_batch_size", "2", "--save_steps", "2", "--report_to", "none")
+    for steps, resume in ((4, ()), (6, ("--resume_from_checkpoint", "last"))):
+        proc = run_script([*launch, *tiny_args(out, *args, *resume, steps=steps)])
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+    frozen_bytes = 4 * sum(p.numel() for p in SlamASR.load_adapter(out).parameters() if not p.requires_grad)
+    for step in (4, 6):
+        module_states = out / f"checkpoint-{step}" / f"global_step{step}" / "mp_rank_00_model_states.pt"
+        assert module_states.stat().st_size < frozen_bytes / 2  # the adapter's tensors, not the backbones'
+        assert (out / f"checkpoint-{step}" / finetune.COMPLETE_MARKER).is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+
+
 def test_script_sh_launches_a_valid_command(tmp_path):
     # a stand-in `accelerate` records what script.sh launches; every flag must parse in finetune.py
     (tmp_path / "accelerate").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')

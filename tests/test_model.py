@@ -234,3 +234,19 @@ def test_mismatched_adapter_names_what_differs(trained_model, tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="missing conv.weight"):
         SlamASR.load_adapter(tmp_path)
+
+
+def test_state_dict_may_leave_out_only_frozen_weights():
+    # what a DeepSpeed checkpoint saved with exclude_frozen_parameters holds: the trainable tensors only
+    source, target = make_model(seed=1), make_model(seed=2)
+    trainable = {k: v for k, v in source.state_dict().items() if k.startswith("adapter.")}
+    frozen_before = {k: v.clone() for k, v in target.state_dict().items() if not k.startswith("adapter.")}
+    target.load_state_dict(trainable)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in trainable.items())
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in frozen_before.items())  # untouched
+    missing = dict(trainable)
+    missing.pop("adapter.proj.0.weight")
+    with pytest.raises(RuntimeError, match=r"Missing key.*adapter\.proj\.0\.weight"):
+        target.load_state_dict(missing)
+    with pytest.raises(RuntimeError, match="Unexpected key.*adapter.extra"):
+        target.load_state_dict({**trainable, "adapter.extra": torch.zeros(1)})
