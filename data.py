@@ -302,6 +302,15 @@ def filter_records(records, report, min_duration=0.0, max_duration=float("inf"),
 # Loading and batching
 
 
+def skip_bad_clip(clip_id, error, skipped, strict_data=False):
+    """A clip that failed to load: an error under --strict_data, otherwise a warning and an entry in
+    `skipped`, which travels with the batch so that the trainer counts it."""
+    if strict_data:
+        raise DataError(f"{clip_id}: {error} (--strict_data is on)") from None
+    logger.warning(f"skipping {clip_id}: {error}")
+    skipped.append((clip_id, str(error)))
+
+
 class RecordDataset(torch.utils.data.Dataset):
     """A dataset over records; `durations` is what the length-grouped samplers and the run summary read."""
 
@@ -340,10 +349,7 @@ class SpeechDataset(RecordDataset):
             try:
                 audio = self.load(record)
             except DataError as e:
-                if self.strict_data:
-                    raise DataError(f"{e} (--strict_data is on)") from None
-                logger.warning(f"skipping {record['id']}: {e}")
-                skipped.append((record["id"], str(e)))
+                skip_bad_clip(record["id"], e, skipped, self.strict_data)
                 continue
             return dict(id=record["id"], audio=audio, text=record["text"], skipped=skipped)
         raise DataError(f"{MAX_REPLACEMENTS} consecutive clips failed to load, the last: {skipped[-1][1]}. "
@@ -386,10 +392,7 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
                 try:
                     samples = read_audio(audio.get("bytes") or audio["path"], self.sampling_rate)
                 except DataError as e:
-                    if self.strict_data:
-                        raise DataError(f"{row['id']}: {e} (--strict_data is on)") from None
-                    logger.warning(f"skipping {row['id']}: {e}")
-                    skipped.append((row["id"], str(e)))
+                    skip_bad_clip(row["id"], e, skipped, self.strict_data)
                     continue
                 text = normalize_transcript(row["text"], self.lowercase)
                 reason = drop_reason(text, len(samples) / self.sampling_rate, self.min_duration, self.max_duration)
