@@ -24,8 +24,8 @@ import transformers
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback
-from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import data
@@ -423,8 +423,8 @@ def parse_args(argv):
         raise ValueError("--remove_unused_columns must stay False: the collator's batch is what the model takes")
     if data_args.streaming:
         conflicts = dict(train_manifest=data_args.train_manifest, librispeech_dir=data_args.librispeech_dir,
-                         group_by_length=data_args.group_by_length, feature_cache=data_args.feature_cache)
-        conflicts["max_batch_seconds"] = data_args.max_batch_seconds
+                         group_by_length=data_args.group_by_length, max_batch_seconds=data_args.max_batch_seconds,
+                         feature_cache=data_args.feature_cache)
         given = [f"--{name}" for name, value in conflicts.items() if value]
         if not data_args.dataset_name or given:
             raise ValueError("--streaming reads --dataset_name as it downloads, with no index of the clips: it needs "
