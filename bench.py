@@ -24,7 +24,7 @@ import soundfile as sf
 import torch
 
 import data
-from model import SlamASR, SlamASRConfig, prepare_audio, prepare_labels, tiny_backbones
+from model import SlamASR, SlamASRConfig, tiny_backbones
 
 LIBRISPEECH_960H_SECONDS = 960 * 3600
 WORDS_PER_SECOND = 2.7  # LibriSpeech read speech
@@ -130,12 +130,12 @@ def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, l
         sync(device)
         t0 = time.perf_counter()
         chosen = [clips[i] for i in batch]
-        labels = prepare_labels(model.tokenizer, [c["text"] for c in chosen])[0].to(device)
+        labels = model.processor.labels([c["text"] for c in chosen])[0].to(device)
         if cache is not None:
             frames, frame_lengths = data.collate_frames([dict(frames=cache.read(c["id"])) for c in chosen])
             frames, frame_lengths = frames.to(device, non_blocking=True), frame_lengths.to(device)
         else:
-            input_values, audio_lengths = prepare_audio(model.feature_extractor, [c["audio"] for c in chosen])
+            input_values, audio_lengths = model.processor.audio([c["audio"] for c in chosen])
             input_values, audio_lengths = input_values.to(device, non_blocking=True), audio_lengths.to(device)
         sync(device)
         t1 = time.perf_counter()

@@ -24,7 +24,6 @@ import soxr
 import torch
 from tqdm.auto import tqdm
 
-from model import prepare_audio, prepare_labels
 
 logger = logging.getLogger(__name__)
 
@@ -414,16 +413,15 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
 
 class SpeechCollator:
     """Samples -> what SlamASR.forward takes (input_values and audio_lengths, or cached encoder_frames and
-    frame_lengths; labels), plus `data_stats` (clips skipped or filtered out, transcripts truncated) that the
-    trainer pops before the forward."""
+    frame_lengths; labels), made by the processor (processor.SlamASRProcessor), plus `data_stats` (clips
+    skipped or filtered out, transcripts truncated) that the trainer pops before the forward."""
 
-    def __init__(self, feature_extractor, tokenizer, max_target_tokens=None):
-        self.feature_extractor = feature_extractor
-        self.tokenizer = tokenizer
+    def __init__(self, processor, max_target_tokens=None):
+        self.processor = processor
         self.max_target_tokens = max_target_tokens
 
     def __call__(self, samples):
-        labels, truncated = prepare_labels(self.tokenizer, [s["text"] for s in samples], self.max_target_tokens)
+        labels, truncated = self.processor.labels([s["text"] for s in samples], self.max_target_tokens)
         skipped = [item for s in samples for item in s["skipped"]]
         filtered = Counter()
         for s in samples:  # only a stream filters while batching; indexed data is filtered up front
@@ -432,8 +430,7 @@ class SpeechCollator:
         if "frames" in samples[0]:  # from the feature cache
             batch["encoder_frames"], batch["frame_lengths"] = collate_frames(samples)
         else:
-            batch["input_values"], batch["audio_lengths"] = prepare_audio(self.feature_extractor,
-                                                                          [s["audio"] for s in samples])
+            batch["input_values"], batch["audio_lengths"] = self.processor.audio([s["audio"] for s in samples])
         return batch
 
 

@@ -9,6 +9,7 @@ Nothing here knows about files of audio or datasets; that is data.py.
 """
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -20,15 +21,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.utils import ModelOutput
 
-SPEECH_PLACEHOLDER = "<speech>"
+from processor import PROMPT_IDS_NAME, SPEECH_PLACEHOLDER, SlamASRProcessor, write_text_atomic
+
+logger = logging.getLogger(__name__)
 TINY = "tiny"  # name of the built-in tiny random backbones, usable for `encoder` and/or `llm`
 CONFIG_NAME = "slam_asr_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 
-# TinyLlama-1.1B-Chat's own chat format (Zephyr style); `</s>` is its EOS token, as the chat template writes it.
+# TinyLlama-1.1B-Chat's own chat format (Zephyr style), as its chat template renders a system and a user turn
+# with the generation prompt on; `</s>` is its EOS token. The speech starts a line of its own: a space before
+# it would be a lone "▁" token between the text and the speech.
 DEFAULT_PROMPT_TEMPLATE = (
     "<|system|>\nYou are a speech recognizer. Reply with the exact transcript of the audio.</s>\n"
-    "<|user|>\nTranscribe this audio: <speech></s>\n<|assistant|>\n"
+    "<|user|>\nTranscribe this audio:\n<speech></s>\n<|assistant|>\n"
 )
 
 
@@ -60,21 +65,28 @@ class SlamASRConfig:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, values, source="config"):
+    def from_dict(cls, values, source="config", complete=False):
+        """`complete=True` (a saved config) also refuses missing fields instead of filling in defaults."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown SlamASRConfig fields {unknown}; known fields are {sorted(known)}")
+        missing = sorted(known - set(values))
+        if complete and missing:
+            raise ValueError(f"{source}: SlamASRConfig fields {missing} are missing; a saved config names them all "
+                             "(the model they describe depends on each)")
         return cls(**values)
 
     @classmethod
-    def from_json_file(cls, path):
+    def from_json_file(cls, path, complete=False):
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); it should hold a SlamASRConfig") from None
-        return cls.from_dict(values, source=str(path))
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} should hold a JSON object of SlamASRConfig fields")
+        return cls.from_dict(values, source=str(path), complete=complete)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,39 +123,6 @@ class ConvAdapter(nn.Module):
 ADAPTERS = {"linear": LinearAdapter, "conv": ConvAdapter}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Batch preparation shared by the model's own entry points and data.py's collator
-
-
-def prepare_audio(feature_extractor, audios):
-    """List of 1-D float arrays at the encoder's rate -> (input_values (B, N) zero-padded, audio_lengths (B,))."""
-    # The attention mask is always asked for so that normalization sees each clip's own samples, never the
-    # padding; whether the encoder itself gets a mask is the model's business (see SlamASR.encode).
-    features = feature_extractor(
-        [a for a in audios],
-        sampling_rate=feature_extractor.sampling_rate,
-        padding=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    return features["input_values"].float(), features["attention_mask"].sum(dim=1)
-
-
-def prepare_labels(tokenizer, texts, max_target_tokens=None):
-    """Transcripts -> (labels (B, T) of token ids + EOS padded with -100, number of transcripts truncated)."""
-    eos = tokenizer.eos_token_id
-    rows, truncated = [], 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_target_tokens is not None and len(ids) + 1 > max_target_tokens:
-            ids, truncated = ids[: max_target_tokens - 1], truncated + 1
-        rows.append(ids + [eos])  # the EOS is a target: without it the model never learns to stop
-    labels = torch.full((len(rows), max(len(r) for r in rows)), -100, dtype=torch.long)
-    for i, row in enumerate(rows):
-        labels[i, : len(row)] = torch.tensor(row)
-    return labels, truncated
-
-
 @dataclass
 class SlamASROutput(ModelOutput):
     loss: torch.Tensor | None = None
@@ -158,11 +137,12 @@ class SlamASR(nn.Module):
     # Trainer must not rescale our loss by its own label count: the loss is already a token mean.
     accepts_loss_kwargs = False
 
-    def __init__(self, config, encoder, llm, tokenizer, feature_extractor):
+    def __init__(self, config, encoder, llm, tokenizer, feature_extractor, prompt_ids=None):
         super().__init__()
         self.config = config
         self.encoder = encoder
         self.llm = llm
+        self.processor = SlamASRProcessor(feature_extractor, tokenizer, config.prompt_template, prompt_ids)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         # Group-norm HuBERT (base) was trained on zero-padded audio without a mask; layer-norm HuBERT (large)
@@ -180,16 +160,10 @@ class SlamASR(nn.Module):
         # float32 master weights whatever the backbones' dtype; autocast handles mixed precision
         self.adapter = ADAPTERS[config.adapter](d_encoder, d_llm, config.downsample, config.adapter_hidden).float()
 
-        prefix, suffix = config.prompt_template.split(SPEECH_PLACEHOLDER)
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self.register_buffer(
-            "prefix_ids", torch.tensor(bos + tokenizer(prefix, add_special_tokens=False)["input_ids"]), persistent=False
-        )
-        self.register_buffer(
-            "suffix_ids", torch.tensor(tokenizer(suffix, add_special_tokens=False)["input_ids"], dtype=torch.long),
-            persistent=False,
-        )
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = self.processor.prompt_ids
+        self.register_buffer("prefix_ids", torch.tensor(ids["prefix"], dtype=torch.long), persistent=False)
+        self.register_buffer("suffix_ids", torch.tensor(ids["suffix"], dtype=torch.long), persistent=False)
+        self.pad_id = self.processor.pad_id
         self.train(False)
 
     @classmethod
@@ -246,7 +220,7 @@ class SlamASR(nn.Module):
 
     def encode_audio(self, audios):
         """List of 1-D arrays -> list of (T_i, d_enc) encoder outputs, each cut to its clip's own frames."""
-        input_values, audio_lengths = prepare_audio(self.feature_extractor, audios)
+        input_values, audio_lengths = self.processor.audio(audios)
         frames, frame_lengths = self.encode(input_values.to(self.device), audio_lengths.to(self.device))
         return [f[:n] for f, n in zip(frames, frame_lengths.tolist())]
 
@@ -257,7 +231,9 @@ class SlamASR(nn.Module):
         # Zero the frames past each clip's end, then pad T to a multiple of k: a clip's last, partial group
         # then holds the same values in a padded batch as alone.
         valid = torch.arange(T, device=frames.device)[None] < frame_lengths[:, None]  # (B, T)
-        frames = frames.float().masked_fill(~valid[..., None], 0.0)
+        # in the adapter's own dtype: float32 master weights here, half where DeepSpeed casts the whole module
+        dtype = next(self.adapter.parameters()).dtype
+        frames = frames.to(dtype).masked_fill(~valid[..., None], 0.0)
         frames = F.pad(frames, (0, 0, 0, (-T) % k))  # (B, ceil(T/k)*k, d_enc)
         speech_embeds = self.adapter(frames)  # (B, S = ceil(T/k), d_llm)
         return speech_embeds, -(-frame_lengths // k)
@@ -306,7 +282,7 @@ class SlamASR(nn.Module):
 
     def forward(self, input_values=None, audio_lengths=None, labels=None, encoder_frames=None, frame_lengths=None):
         """Mean token loss over transcript + EOS. Takes raw audio (input_values, audio_lengths) or cached
-        encoder output (encoder_frames, frame_lengths), and labels as made by `prepare_labels`."""
+        encoder output (encoder_frames, frame_lengths), and labels as made by `SlamASRProcessor.labels`."""
         if encoder_frames is None:
             encoder_frames, frame_lengths = self.encode(input_values, audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
@@ -327,8 +303,8 @@ class SlamASR(nn.Module):
 
     def loss(self, audios, texts):
         """Mean token loss of transcripts `texts` given `audios` (1-D float arrays at the encoder's rate)."""
-        input_values, audio_lengths = prepare_audio(self.feature_extractor, audios)
-        labels, _ = prepare_labels(self.tokenizer, texts)
+        input_values, audio_lengths = self.processor.audio(audios)
+        labels, _ = self.processor.labels(texts)
         return self(input_values.to(self.device), audio_lengths.to(self.device), labels.to(self.device)).loss
 
     # --- generation ----------------------------------------------------------------------------------------
@@ -341,7 +317,7 @@ class SlamASR(nn.Module):
         texts = [None] * len(audios)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            input_values, audio_lengths = prepare_audio(self.feature_extractor, [audios[i] for i in chunk])
+            input_values, audio_lengths = self.processor.audio([audios[i] for i in chunk])
             for i, text in zip(chunk, self.generate(input_values.to(self.device), audio_lengths.to(self.device),
                                                     max_new_tokens=max_new_tokens, num_beams=num_beams)):
                 texts[i] = text
@@ -370,23 +346,23 @@ class SlamASR(nn.Module):
     # --- adapter save / load ------------------------------------------------------------------------------
 
     def save_adapter(self, directory):
-        """Writes the config (JSON) and the adapter's weights (safetensors); nothing of the frozen backbones."""
+        """Writes the config and the prompt's token ids (JSON) and the adapter's weights (safetensors); nothing
+        of the frozen backbones. Each file goes to a temporary name, is flushed to disk and renamed, so that a
+        kill or a full disk never leaves a torn or empty file where a good one was."""
         os.makedirs(directory, exist_ok=True)
         weights = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
-        # write under temporary names, then rename, so a kill mid-save never leaves a torn file in place
-        for name, write in (
-            (WEIGHTS_NAME, lambda p: save_file(weights, p, metadata={"format": "pt", "adapter": self.config.adapter})),
-            (CONFIG_NAME, lambda p: open(p, "w", encoding="utf-8").write(self.config.to_json_string())),
-        ):
-            path = os.path.join(directory, name)
-            write(path + ".tmp")
-            os.replace(path + ".tmp", path)
+        path = os.path.join(directory, WEIGHTS_NAME)
+        save_file(weights, path + ".tmp", metadata={"format": "pt", "adapter": self.config.adapter})
+        os.replace(path + ".tmp", path)
+        write_text_atomic(os.path.join(directory, CONFIG_NAME), self.config.to_json_string())
+        self.processor.save_pretrained(directory)
 
     @classmethod
     def load_adapter(cls, directory, encoder=None, llm=None, tokenizer=None, feature_extractor=None,
                      torch_dtype=None, trust_remote_code=False):
-        """Rebuilds a SlamASR from an adapter directory: the backbones named in its config unless given,
-        and the adapter loaded strictly (every tensor present, no extra, same shapes)."""
+        """Rebuilds a SlamASR from an adapter directory: the backbones named in its config unless given, the
+        prompt ids saved with it, and the adapter loaded strictly (every tensor present, no extra, same
+        shapes, finite)."""
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         for path in (config_path, weights_path):
@@ -395,11 +371,20 @@ class SlamASR(nn.Module):
                     f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
                     "as written by SlamASR.save_adapter or finetune.py (its output_dir or a checkpoint-N in it)"
                 )
-        config = SlamASRConfig.from_json_file(config_path)
+        # every field must be in a saved config: a default filled in silently (another prompt) is another model
+        config = SlamASRConfig.from_json_file(config_path, complete=True)
         try:
             weights = load_file(weights_path)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); it may be truncated") from None
+        diverged = sorted(k for k, v in weights.items() if not torch.isfinite(v).all())
+        if diverged:
+            raise ValueError(f"{weights_path}: {', '.join(diverged)} hold NaN or Inf values (training diverged); "
+                             "use an earlier checkpoint")
+        prompt_ids = SlamASRProcessor.read_prompt_ids(directory, config.prompt_template)
+        if prompt_ids is None:
+            logger.warning(f"{directory} has no {PROMPT_IDS_NAME} (saved by an older version): the prompt's ids "
+                           "are computed from the template by this tokenizer")
 
         if encoder is None or llm is None or tokenizer is None or feature_extractor is None:
             loaded = load_backbones(config, torch_dtype, trust_remote_code)
@@ -407,7 +392,7 @@ class SlamASR(nn.Module):
                 given if given is not None else default
                 for given, default in zip((encoder, llm, tokenizer, feature_extractor), loaded)
             )
-        model = cls(config, encoder, llm, tokenizer, feature_extractor)
+        model = cls(config, encoder, llm, tokenizer, feature_extractor, prompt_ids)
         expected = model.adapter.state_dict()
         problems = [f"missing {k}" for k in sorted(set(expected) - set(weights))]
         problems += [f"unexpected {k}" for k in sorted(set(weights) - set(expected))]
@@ -457,7 +442,9 @@ class SlamASR(nn.Module):
 
 
 def load_backbones(config, torch_dtype=None, trust_remote_code=False):
-    """(encoder, llm, tokenizer, feature_extractor) for the names in `config`; "tiny" builds them offline."""
+    """(encoder, llm, tokenizer, feature_extractor) for the names in `config`; "tiny" builds them offline.
+    Both backbones run in `torch_dtype`, float32 when None: whatever dtype a checkpoint was saved in
+    (TinyLlama's hub weights are bfloat16), a float32 run gets float32 backbones."""
     from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     tiny = tiny_backbones() if TINY in (config.encoder, config.llm) else None
@@ -475,15 +462,18 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
     if config.encoder == TINY:
         encoder, feature_extractor = tiny[0], tiny[3]
     else:
-        encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained, dtype=torch_dtype)
+        encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained, dtype=torch_dtype or torch.float32)
         feature_extractor = load("feature extractor", config.encoder, AutoFeatureExtractor.from_pretrained)
     if config.llm == TINY:
         llm, tokenizer = tiny[1], tiny[2]
     else:
-        llm = load("LLM", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch_dtype)
+        llm = load("LLM", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch_dtype or torch.float32)
         tokenizer = load("tokenizer", config.llm, AutoTokenizer.from_pretrained)
-    if torch_dtype is not None:
-        encoder, llm = encoder.to(torch_dtype), llm.to(torch_dtype)
+    # transformers 5 reads dtype=None as "auto", the checkpoint's own dtype: always name the one wanted
+    torch_dtype = torch_dtype or torch.float32
+    encoder, llm = encoder.to(torch_dtype), llm.to(torch_dtype)
+    logger.info(f"speech encoder {config.encoder!r} runs in {torch_dtype}, LLM {config.llm!r} in {torch_dtype}; "
+                "the adapter trains in float32")
     return encoder, llm, tokenizer, feature_extractor
 
 
@@ -509,7 +499,7 @@ def tiny_backbones(seed=0):
     passes almost no signal from the speech positions to the transcript positions, and no adapter can then
     fit anything through it (measured: width 64 / std 0.02 stuck at loss 5.6, width 128 / std 0.1 down to 0.06).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                               Wav2Vec2FeatureExtractor)
 
@@ -522,6 +512,9 @@ def tiny_backbones(seed=0):
         trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                             show_progress=False),
     )
+    # BOS at the start of every text, as Llama's tokenizer does (the processor takes the tokenizer's own rule)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>")
 

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT / "tests" / "fixtures" / "LibriSpeech"
 
-from model import SlamASR, SlamASRConfig, tiny_backbones  # noqa: E402
+from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig, tiny_backbones  # noqa: E402
+from processor import SlamASRProcessor  # noqa: E402
 
 
 def read_split(split):
@@ -65,6 +66,11 @@ def hub_copy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_clips():
     return read_split("train-clean-100")
+
+
+def tiny_processor(prompt_template=DEFAULT_PROMPT_TEMPLATE):
+    _, _, tokenizer, feature_extractor = tiny_backbones()
+    return SlamASRProcessor(feature_extractor, tokenizer, prompt_template)
 
 
 def make_model(adapter="linear", downsample=5, seed=0, **overrides):

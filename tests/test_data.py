@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import FIXTURE, hub_dataset, hub_rows
+from conftest import FIXTURE, hub_dataset, hub_rows, tiny_processor
 
 import data
 from model import tiny_backbones
@@ -78,8 +78,7 @@ def test_stream_skips_bad_clips_and_counts_what_it_filters(clip):
     assert samples[0]["skipped"] == [] and samples[0]["filtered"] == {}
     assert [i for i, _ in samples[1]["skipped"]] == [rows[1]["id"]]
     assert samples[1]["filtered"] == {"empty transcript": 1}
-    _, _, tokenizer, fe = tiny_backbones()
-    stats = data.SpeechCollator(fe, tokenizer)(samples)["data_stats"]  # what the trainer counts
+    stats = data.SpeechCollator(tiny_processor())(samples)["data_stats"]  # what the trainer counts
     assert stats["filtered"] == {"empty transcript": 1} and len(stats["skipped"]) == 1
     with pytest.raises(data.DataError, match="cannot read audio.*strict_data"):
         list(itertools.islice(data.StreamingSpeechDataset(stream, shuffle_buffer=0, strict_data=True), 2))
@@ -160,8 +159,7 @@ def test_filters_count_what_they_drop():
 
 
 def test_odd_characters_tokenize_and_train():
-    _, _, tokenizer, fe = tiny_backbones()
-    collator = data.SpeechCollator(fe, tokenizer)
+    collator = data.SpeechCollator(tiny_processor())
     batch = collator([dict(audio=np.ones(4000, np.float32), text="café ✓ 日本 ½", skipped=[])])
     assert (batch["labels"] != -100).sum() > 5
 
@@ -204,7 +202,7 @@ def test_collator_shapes_and_masks(clip):
     samples = [dict(audio=clip[:8000], text="the ship", skipped=[("x", "bad")]),
                dict(audio=clip, text="she opened the old book", skipped=[])]
     short = tokenizer("the ship", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    batch = data.SpeechCollator(fe, tokenizer, max_target_tokens=len(short))(samples)
+    batch = data.SpeechCollator(tiny_processor(), max_target_tokens=len(short))(samples)
     assert batch["input_values"].shape == (2, len(clip))
     assert batch["audio_lengths"].tolist() == [8000, len(clip)]
     assert (batch["input_values"][0, 8000:] == 0).all()

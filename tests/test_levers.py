@@ -5,7 +5,6 @@ import torch
 from conftest import FIXTURE, make_model
 
 import data
-from model import prepare_audio, prepare_labels
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def test_feature_cache_gives_the_same_loss(train_set, tmp_path):
     # fp16 frames of the tiny encoder (64 wide, 50 Hz): 6.4 KB per second plus safetensors headers
     assert 6000 * seconds < cache.size_bytes() < 8000 * seconds
     cached = data.CachedFeatureDataset(train_set, cache)
-    collator = data.SpeechCollator(model.feature_extractor, model.tokenizer)
+    collator = data.SpeechCollator(model.processor)
     from_cache = collator([cached[i] for i in range(4)])
     from_audio = collator([train_set[i] for i in range(4)])
     assert from_cache["encoder_frames"].dtype == torch.float16
@@ -79,7 +78,7 @@ def test_duration_batches_and_same_summed_loss(train_set):
     random_batches = np.array_split(rng.permutation(len(durations)), len(batches))
     assert data.padding_fraction(durations, batches) <= data.padding_fraction(durations, random_batches)
     model = make_model()
-    collator = data.SpeechCollator(model.feature_extractor, model.tokenizer)
+    collator = data.SpeechCollator(model.processor)
 
     def summed(bs):
         total = 0.0
@@ -125,7 +124,7 @@ def test_half_precision_backbones_keep_the_loss(train_set):
     assert half.adapter.proj[0].weight.dtype == torch.float32  # master weights stay float32
     audios = [train_set[i]["audio"] for i in range(4)]
     texts = [train_set[i]["text"] for i in range(4)]
-    inputs = (*prepare_audio(full.feature_extractor, audios), prepare_labels(full.tokenizer, texts)[0])
+    inputs = (*full.processor.audio(audios), full.processor.labels(texts)[0])
     with torch.no_grad():
         torch.testing.assert_close(half(*inputs).loss, full(*inputs).loss, rtol=3e-2, atol=0)
 
@@ -133,7 +132,7 @@ def test_half_precision_backbones_keep_the_loss(train_set):
 def test_compiled_llm_body_keeps_the_loss_and_gradients(train_set):
     # what bench.py --compile does: torch.compile the LLM body, shapes dynamic (every batch differs)
     model = make_model()
-    batch = data.SpeechCollator(model.feature_extractor, model.tokenizer)([train_set[i] for i in range(3)])
+    batch = data.SpeechCollator(model.processor)([train_set[i] for i in range(3)])
     inputs = (batch["input_values"], batch["audio_lengths"], batch["labels"])
     model.train()
 

@@ -3,10 +3,11 @@ import os
 
 import pytest
 import torch
-from conftest import make_model, overfit
+from conftest import make_model, overfit, tiny_processor
 
-from model import (CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, WEIGHTS_NAME, SlamASR, SlamASRConfig, prepare_audio,
-                   prepare_labels, tiny_backbones)
+from processor import PROMPT_IDS_NAME
+
+from model import CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, WEIGHTS_NAME, SlamASR, SlamASRConfig, tiny_backbones
 
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_encoder_gets_mask_only_when_feature_extractor_says_so(train_clips):
         model = SlamASR.from_backbones(SlamASRConfig(encoder="tiny", llm="tiny"), encoder, llm, tokenizer, fe)
         forward = model.encoder.forward
         model.encoder.forward = lambda *a, **kw: (seen.append(kw.get("attention_mask")), forward(*a, **kw))[1]
-        model.encode(*prepare_audio(fe, audios[:2]))
+        model.encode(*model.processor.audio(audios[:2]))
     assert seen[0] is not None and seen[1] is None
 
 
@@ -104,7 +105,7 @@ def test_speech_length_is_exact(adapter, downsample):
     model = make_model(adapter=adapter, downsample=downsample)
     for n in [400, 401, 3200, 16000, 16321, 23999]:
         audio = torch.randn(n).numpy()
-        frames, frame_lengths = model.encode(*prepare_audio(model.feature_extractor, [audio]))
+        frames, frame_lengths = model.encode(*model.processor.audio([audio]))
         assert frames.shape[1] == frame_lengths.item()  # no padding: every frame is real
         embeds, lengths = model.adapt(frames, frame_lengths)
         expected = -(-frame_lengths.item() // downsample)  # trailing frames padded into one more embedding
@@ -117,8 +118,8 @@ def test_labels_cover_transcript_and_eos_only(train_clips):
     model = make_model()
     tok = model.tokenizer
     batch_texts = ["the ship", "a much longer transcript than the first one"]
-    input_values, audio_lengths = prepare_audio(model.feature_extractor, audios[:2])
-    labels, _ = prepare_labels(tok, batch_texts)
+    input_values, audio_lengths = model.processor.audio(audios[:2])
+    labels, _ = model.processor.labels(batch_texts)
     frames, frame_lengths = model.encode(input_values, audio_lengths)
     embeds, speech_lengths = model.adapt(frames, frame_lengths)
     _, attention_mask, targets = model.splice(embeds, speech_lengths, labels)
@@ -133,8 +134,9 @@ def test_labels_cover_transcript_and_eos_only(train_clips):
 
 
 def test_truncation_keeps_eos():
-    _, _, tok, _ = tiny_backbones()
-    labels, truncated = prepare_labels(tok, ["the ship sailed at dawn", "a"], max_target_tokens=3)
+    processor = tiny_processor()
+    tok = processor.tokenizer
+    labels, truncated = processor.labels(["the ship sailed at dawn", "a"], max_target_tokens=3)
     assert truncated == 1
     assert labels.shape[1] == 3 and labels[0, -1].item() == tok.eos_token_id
 
@@ -150,8 +152,8 @@ def test_padded_batch_matches_singles(train_clips, adapter):
 
     def sum_loss_and_grads(a, t):
         model.zero_grad()
-        input_values, audio_lengths = prepare_audio(model.feature_extractor, a)
-        out = model(input_values, audio_lengths, prepare_labels(model.tokenizer, t)[0])
+        input_values, audio_lengths = model.processor.audio(a)
+        out = model(input_values, audio_lengths, model.processor.labels(t)[0])
         (out.loss * out.num_tokens).backward()  # summed token loss: adds up exactly across clips
         return (out.loss * out.num_tokens).item(), [p.grad.clone() for p in model.adapter.parameters()]
 
@@ -203,7 +205,7 @@ def test_overfits_one_batch(train_clips, adapter):
 def test_save_load_round_trip(trained_model, train_clips, tmp_path):
     audios, _ = train_clips
     trained_model.save_adapter(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME])
     from safetensors.torch import load_file
     assert set(load_file(tmp_path / WEIGHTS_NAME)) == set(trained_model.adapter.state_dict())
     loaded = SlamASR.load_adapter(tmp_path)  # backbones rebuilt by name ("tiny")
