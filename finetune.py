@@ -93,6 +93,10 @@ class DataArguments:
                 "computed once before training (each rank its share), then every epoch trains from it."})
     max_nonfinite_steps: int = field(default=25, metadata={
         "help": "Stop after this many consecutive steps with a NaN/Inf loss (each one is skipped)."})
+    preprocessing_only: bool = field(default=False, metadata={
+        "help": "Download the backbones and the data and index it, in this one process, then exit. Run it once "
+                "before a multi-GPU launch (script.sh does): there, rank 0 does this while the other ranks wait "
+                "in a collective that --ddp_timeout (30 min) ends, too soon for a first download of 960 h."})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,17 +187,19 @@ class SlamASRTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.scaler is not None:
-            return loss  # fp16: the grad scaler already skips overflowing steps
         bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
         if self.args.world_size > 1:  # all ranks skip together, or DDP replicas drift apart
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if not bad.item():
             self.consecutive_nonfinite = 0
             return loss
-        # Dropping the gradients makes the optimizer skip every parameter (no moment update, no decay).
-        for p in model.parameters():
-            p.grad = None
+        # fp16: the grad scaler finds the same non-finite gradients, skips the step and lowers its scale; it
+        # must see them, so they stay. Otherwise dropping the gradients makes the optimizer skip every
+        # parameter (no moment update, no decay). Either way the step is counted: Trainer's
+        # logging_nan_inf_filter shows a NaN loss as the running mean, so the count is what says it happened.
+        if self.accelerator.scaler is None:
+            for p in model.parameters():
+                p.grad = None
         self.data_counts["nonfinite_steps"] += 1
         self.consecutive_nonfinite += 1
         logger.warning(f"step {self.state.global_step}: non-finite loss, step skipped "
@@ -203,7 +209,7 @@ class SlamASRTrainer(Trainer):
                 f"{self.consecutive_nonfinite} consecutive steps had a NaN/Inf loss; stopping. The last checkpoint "
                 f"in {self.args.output_dir} is intact. Try a lower --learning_rate, bf16 instead of fp16, or "
                 "--strict_data to find a bad clip.")
-        return torch.zeros_like(loss)
+        return loss
 
     def log(self, logs, start_time=None):
         if "loss" in logs:  # training logs carry the running data counters (this rank's)
@@ -316,8 +322,12 @@ class SlamASRTrainer(Trainer):
                     f.write(json.dumps(row) + "\n")
             if failed:
                 logger.warning(f"eval WER: {len(failed)} clips could not be read and were left out, e.g. {failed[0]}")
+        decoding = "greedy" if self.num_beams == 1 else f"beam search, {self.num_beams} beams"
+        logger.info(f"eval WER {100 * scores['wer']:.2f}% on {len(rows)} clips ({decoding}, "
+                    f"max {self.max_new_tokens} new tokens)")
         return {"wer": scores["wer"], "wer_substitutions": scores["substitutions"],
-                "wer_deletions": scores["deletions"], "wer_insertions": scores["insertions"]}
+                "wer_deletions": scores["deletions"], "wer_insertions": scores["insertions"],
+                "wer_num_beams": self.num_beams}
 
 
 class NonFiniteTraining(RuntimeError):
@@ -521,10 +531,6 @@ def main(argv=None):
         if training_args.do_eval:
             eval_dataset = load_split(data_args, data_args.eval_split, data_args.eval_manifest, model.sampling_rate,
                                       "eval", data_args.max_eval_samples)
-    if data_args.feature_cache:
-        train_dataset = fill_feature_cache(model, train_dataset, data_args, training_args)
-    collator = data.SpeechCollator(model.feature_extractor, model.tokenizer, data_args.max_target_tokens)
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     hours = lambda ds: sum(ds.durations) / 3600 if ds is not None else 0.0  # noqa: E731
@@ -534,6 +540,14 @@ def main(argv=None):
                      f"{len(train_dataset):,} clips, {hours(train_dataset):.2f} h")
     logger.info(f"train: {train_summary}"
                 + (f"; eval: {len(eval_dataset):,} clips, {hours(eval_dataset):.2f} h" if eval_dataset else ""))
+
+    if data_args.preprocessing_only:
+        logger.info("backbones and data are downloaded and indexed; the training launch will read them from the "
+                    "cache (--preprocessing_only: exiting before training)")
+        return 0
+    if data_args.feature_cache:
+        train_dataset = fill_feature_cache(model, train_dataset, data_args, training_args)
+    collator = data.SpeechCollator(model.processor, data_args.max_target_tokens)
 
     # 6. Train
     stop = StopOnSignal()

@@ -20,28 +20,33 @@ else
         --train_split train.clean.100+train.clean.360+train.other.500 --eval_split validation.clean)
 fi
 
+ARGS=(
+  --encoder facebook/hubert-large-ls960-ft
+  --llm TinyLlama/TinyLlama-1.1B-Chat-v1.0
+  --adapter linear --downsample 5 --adapter_hidden 2048
+  "${DATA[@]}"
+  --output_dir out/slam-asr-hubert-large-tinyllama
+  --fp16
+  --per_device_train_batch_size "$PER_GPU_BATCH" --gradient_accumulation_steps "$GRAD_ACCUM"
+  --per_device_eval_batch_size 16
+  --learning_rate 1e-4 --warmup_steps 1000 --lr_scheduler_type linear --weight_decay 0.0
+  --num_train_epochs 3
+  --group_by_length
+  --max_duration 30 --min_duration 0.5
+  --eval_steps 2000 --save_steps 2000 --save_total_limit 3 --logging_steps 50
+  # WER during training is greedy (a quick figure); README: beam 4 on test-clean with transcribe.py
+  --max_eval_samples 500 --max_new_tokens 200 --generation_num_beams 1
+  --metric_for_best_model wer --greater_is_better false
+  --dataloader_num_workers 8
+  --report_to tensorboard
+)
+
 if [ "$NUM_GPUS" -gt 1 ]; then
+  # Download and index everything in one process first: in the launch, rank 0 would do it while the other
+  # ranks wait in a collective that --ddp_timeout (30 min) ends before a first download of 960 h is done.
+  python finetune.py "${ARGS[@]}" "$@" --preprocessing_only
   LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_GPUS" --mixed_precision fp16)
 else
   LAUNCH=(accelerate launch --num_processes 1 --mixed_precision fp16)
 fi
-
-"${LAUNCH[@]}" finetune.py \
-  --encoder facebook/hubert-large-ls960-ft \
-  --llm TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
-  --adapter linear --downsample 5 --adapter_hidden 2048 \
-  "${DATA[@]}" \
-  --output_dir out/slam-asr-hubert-large-tinyllama \
-  --fp16 \
-  --per_device_train_batch_size "$PER_GPU_BATCH" --gradient_accumulation_steps "$GRAD_ACCUM" \
-  --per_device_eval_batch_size 16 \
-  --learning_rate 1e-4 --warmup_steps 1000 --lr_scheduler_type linear --weight_decay 0.0 \
-  --num_train_epochs 3 \
-  --group_by_length \
-  --max_duration 30 --min_duration 0.5 \
-  --eval_steps 2000 --save_steps 2000 --save_total_limit 3 --logging_steps 50 \
-  --max_eval_samples 500 --max_new_tokens 200 \
-  --metric_for_best_model wer --greater_is_better false \
-  --dataloader_num_workers 8 \
-  --report_to tensorboard \
-  "$@"
+"${LAUNCH[@]}" finetune.py "${ARGS[@]}" "$@"

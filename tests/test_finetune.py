@@ -235,19 +235,33 @@ def test_deepspeed_zero2_checkpoints_hold_no_frozen_weights_and_resume(tmp_path)
 
 
 def test_script_sh_launches_a_valid_command(tmp_path):
-    # a stand-in `accelerate` records what script.sh launches; every flag must parse in finetune.py
-    (tmp_path / "accelerate").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
-    (tmp_path / "accelerate").chmod(0o755)
+    # stand-ins for `accelerate` and `python` record what script.sh runs; every flag must parse in finetune.py
+    for name in ("accelerate", "python"):
+        (tmp_path / name).write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT.{name}"\n')
+        (tmp_path / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", ARGS_OUT=str(tmp_path / "args"), NUM_GPUS="2")
     subprocess.run(["bash", "script.sh", "--max_steps", "5"], cwd=ROOT, env=env, check=True)
-    args = (tmp_path / "args").read_text().splitlines()
+    args = (tmp_path / "args.accelerate").read_text().splitlines()
     assert args[:5] == ["launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision"]
     script_args = args[args.index("finetune.py") + 1:]
     model_args, data_args, training_args = finetune.parse_args(script_args)
     assert model_args.encoder == "facebook/hubert-large-ls960-ft" and training_args.fp16
     assert training_args.max_steps == 5 and training_args.gradient_accumulation_steps == 2
     assert training_args.train_sampling_strategy == "group_by_length"
-    assert data_args.dataset_name == "openslr/librispeech_asr"
+    assert data_args.dataset_name == "openslr/librispeech_asr" and not data_args.preprocessing_only
+    assert training_args.generation_num_beams == 1  # the WER during training is greedy, and says so
+    # before a multi-GPU launch, one process downloads and indexes: the same arguments, then exit
+    prepare = (tmp_path / "args.python").read_text().splitlines()
+    assert prepare[0] == "finetune.py" and prepare[1:] == script_args + ["--preprocessing_only"]
+
+
+def test_preprocessing_only_prepares_the_data_and_exits(tmp_path, hub_copy, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        assert finetune.main(tiny_args(out, "--preprocessing_only", "--max_eval_samples", "3",
+                                       source=hub_source(hub_copy))) == 0
+    assert "train: 8 clips" in caplog.text and "exiting before training" in caplog.text
+    assert not finetune.find_checkpoints(str(out))[0] and not (out / WEIGHTS_NAME).exists()
 
 
 def test_flags_that_would_do_nothing_are_refused():
