@@ -24,7 +24,8 @@ import soundfile as sf
 import torch
 
 import data
-from model import SlamASR, SlamASRConfig, tiny_backbones
+from backbones import tiny_backbones
+from model import SlamASR, SlamASRConfig
 
 LIBRISPEECH_960H_SECONDS = 960 * 3600
 WORDS_PER_SECOND = 2.7  # LibriSpeech read speech

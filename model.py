@@ -3,30 +3,33 @@ SLAM-ASR (Ma et al. 2024, arXiv 2402.08846): a frozen speech encoder (HuBERT) an
 (TinyLlama) bridged by a small trainable adapter. The adapter's output is spliced into a prompt template,
 and only the adapter learns, so that the LLM emits the transcript.
 
-Read top to bottom: config -> adapters -> waveform to speech embeddings -> splice into the prompt ->
-loss / generation -> adapter save and load -> tiny offline backbones -> FLOP count.
-Nothing here knows about files of audio or datasets; that is data.py.
+Read top to bottom: adapters -> config -> waveform to speech embeddings -> splice into the prompt ->
+loss / generation -> adapter save and load -> FLOP count. The prompt's ids and the batches come from
+processor.py, the backbones from backbones.py; nothing here knows about files of audio or datasets (data.py).
 """
 
+import copy
 import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
+from backbones import load_backbones
 from processor import PROMPT_IDS_NAME, SPEECH_PLACEHOLDER, SlamASRProcessor, write_text_atomic
 
 logger = logging.getLogger(__name__)
-TINY = "tiny"  # name of the built-in tiny random backbones, usable for `encoder` and/or `llm`
 CONFIG_NAME = "slam_asr_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"  # transformers' own name for it
 
 # TinyLlama-1.1B-Chat's own chat format (Zephyr style), as its chat template renders a system and a user turn
 # with the generation prompt on; `</s>` is its EOS token. The speech starts a line of its own: a space before
@@ -37,14 +40,102 @@ DEFAULT_PROMPT_TEMPLATE = (
 )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Adapters: encoder frames (B, T, d_enc) and their lengths (B,) -> speech embeddings (B, S, d_llm) and theirs.
+# Each kind owns its length rule; a new kind is one class and one line in ADAPTERS.
+
+
+class FrameGroupAdapter(nn.Module):
+    """What the adapters here share: `downsample` consecutive frames make one speech embedding, and a clip's
+    last, partial group is padded, not dropped."""
+
+    def __init__(self, downsample):
+        super().__init__()
+        self.downsample = downsample
+
+    def output_lengths(self, frame_lengths):
+        return -(-frame_lengths // self.downsample)  # ceil
+
+    def group(self, frames, frame_lengths):
+        """Zero the frames past each clip's end and pad T to a multiple of k: a clip's last group then holds the
+        same values in a padded batch as alone. (B, T, d) -> (B, S*k, d), S = ceil(T/k)."""
+        T = frames.shape[1]
+        valid = torch.arange(T, device=frames.device)[None] < frame_lengths[:, None]  # (B, T)
+        # in the adapter's own dtype: float32 master weights, or half where DeepSpeed casts the whole module
+        frames = frames.to(next(self.parameters()).dtype).masked_fill(~valid[..., None], 0.0)
+        return F.pad(frames, (0, 0, 0, (-T) % self.downsample))
+
+    def stack(self, frames, frame_lengths):
+        """(B, T, d) -> (B, S, k*d): each group of k frames side by side."""
+        grouped = self.group(frames, frame_lengths)
+        B, T, D = grouped.shape
+        return grouped.reshape(B, T // self.downsample, D * self.downsample)
+
+
+class LinearAdapter(FrameGroupAdapter):
+    """The paper's projector: concatenate `downsample` consecutive frames, then Linear -> ReLU -> Linear."""
+
+    def __init__(self, d_encoder, d_llm, downsample, hidden):
+        super().__init__(downsample)
+        self.proj = nn.Sequential(nn.Linear(d_encoder * downsample, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
+
+    def forward(self, frames, frame_lengths):
+        stacked = self.stack(frames, frame_lengths)  # (B, S, k*d_enc)
+        return self.proj(stacked), self.output_lengths(frame_lengths)  # (B, S, d_llm)
+
+
+class ConvAdapter(FrameGroupAdapter):
+    """Conv1d(kernel k, stride k) -> ReLU -> Linear -> ReLU -> Linear."""
+
+    def __init__(self, d_encoder, d_llm, downsample, hidden):
+        super().__init__(downsample)
+        self.conv = nn.Conv1d(d_encoder, hidden, kernel_size=downsample, stride=downsample)
+        self.proj = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
+
+    def forward(self, frames, frame_lengths):
+        x = self.conv(self.group(frames, frame_lengths).transpose(1, 2))  # (B, d_enc, S*k) -> (B, hidden, S)
+        return self.proj(x.transpose(1, 2)), self.output_lengths(frame_lengths)  # (B, S, d_llm)
+
+
+class UltravoxAdapter(FrameGroupAdapter):
+    """Ultravox's projector: stack k frames -> RMSNorm -> Linear -> SwiGLU -> RMSNorm -> Linear, no biases.
+    `hidden` is the SwiGLU's output width (the first Linear makes twice that: value and gate)."""
+
+    def __init__(self, d_encoder, d_llm, downsample, hidden):
+        super().__init__(downsample)
+        self.ln_pre = nn.RMSNorm(d_encoder * downsample)
+        self.linear_1 = nn.Linear(d_encoder * downsample, 2 * hidden, bias=False)
+        self.ln_mid = nn.RMSNorm(hidden)
+        self.linear_2 = nn.Linear(hidden, d_llm, bias=False)
+
+    def forward(self, frames, frame_lengths):
+        x = self.linear_1(self.ln_pre(self.stack(frames, frame_lengths)))  # (B, S, k*d_enc) -> (B, S, 2*hidden)
+        value, gate = x.chunk(2, dim=-1)
+        x = F.silu(gate) * value  # (B, S, hidden)
+        return self.linear_2(self.ln_mid(x)), self.output_lengths(frame_lengths)  # (B, S, d_llm)
+
+
+ADAPTERS = {"linear": LinearAdapter, "conv": ConvAdapter, "ultravox": UltravoxAdapter}
+
+
 @dataclass
 class SlamASRConfig:
-    encoder: str = "facebook/hubert-large-ls960-ft"  # hub name or local path of the speech encoder, or "tiny"
-    llm: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"  # hub name or local path of the causal LM, or "tiny"
-    adapter: str = "linear"  # "linear": frame stacking + MLP (the paper's projector); "conv": strided Conv1d + MLP
-    downsample: int = 5  # encoder frames per speech embedding (HuBERT's 50 Hz -> 10 Hz at 5)
-    adapter_hidden: int = 2048  # width of the adapter's hidden layer
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # exactly one <speech>; the transcript follows the template
+    """The model: which backbones, which adapter, which prompt. Parsed as command-line flags by finetune.py
+    (each field's help is its --help) and saved with every adapter as slam_asr_config.json."""
+
+    encoder: str = field(default="facebook/hubert-large-ls960-ft", metadata={
+        "help": "Speech encoder: hub name or local folder (HuBERT, or any AutoModel with its frame rate), or "
+                "'tiny' (random, offline)."})
+    llm: str = field(default="TinyLlama/TinyLlama-1.1B-Chat-v1.0", metadata={
+        "help": "Causal LM: hub name or local folder, or 'tiny' (random, offline)."})
+    adapter: str = field(default="linear", metadata={
+        "help": "Adapter kind: 'linear' (frame stacking + MLP, the paper's), 'conv' (strided Conv1d + MLP), "
+                "'ultravox' (stacking, RMSNorm, SwiGLU).", "choices": list(ADAPTERS)})
+    downsample: int = field(default=5, metadata={
+        "help": "Encoder frames per speech embedding (HuBERT's 50 Hz -> 10 Hz at 5)."})
+    adapter_hidden: int = field(default=2048, metadata={"help": "Width of the adapter's hidden layer."})
+    prompt_template: str = field(default=DEFAULT_PROMPT_TEMPLATE, metadata={
+        "help": "The LLM's prompt, with exactly one <speech>; the transcript and EOS follow it."})
 
     def __post_init__(self):
         # Checked here, before any download, so that a typo costs a second and not a 5 GB fetch.
@@ -54,8 +145,8 @@ class SlamASRConfig:
                 f"prompt_template must contain exactly one {SPEECH_PLACEHOLDER} placeholder, found {count}: "
                 f"{self.prompt_template!r}"
             )
-        if self.adapter not in ("linear", "conv"):
-            raise ValueError(f"adapter must be 'linear' or 'conv', got {self.adapter!r}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
         if not isinstance(self.downsample, int) or self.downsample < 1:
             raise ValueError(f"downsample must be an integer >= 1, got {self.downsample!r}")
         if not isinstance(self.adapter_hidden, int) or self.adapter_hidden < 1:
@@ -87,40 +178,6 @@ class SlamASRConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path} should hold a JSON object of SlamASRConfig fields")
         return cls.from_dict(values, source=str(path), complete=complete)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Adapters: (B, T, d_enc) encoder frames, T a multiple of `downsample` -> (B, T / downsample, d_llm)
-
-
-class LinearAdapter(nn.Module):
-    """The paper's projector: concatenate `downsample` consecutive frames, then Linear -> ReLU -> Linear."""
-
-    def __init__(self, d_encoder, d_llm, downsample, hidden):
-        super().__init__()
-        self.downsample = downsample
-        self.proj = nn.Sequential(nn.Linear(d_encoder * downsample, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
-
-    def forward(self, frames):
-        B, T, D = frames.shape
-        stacked = frames.reshape(B, T // self.downsample, D * self.downsample)  # (B, T/k, k*d_enc)
-        return self.proj(stacked)  # (B, T/k, d_llm)
-
-
-class ConvAdapter(nn.Module):
-    """Conv1d(kernel k, stride k) -> ReLU -> Linear -> ReLU -> Linear."""
-
-    def __init__(self, d_encoder, d_llm, downsample, hidden):
-        super().__init__()
-        self.conv = nn.Conv1d(d_encoder, hidden, kernel_size=downsample, stride=downsample)
-        self.proj = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
-
-    def forward(self, frames):
-        x = self.conv(frames.transpose(1, 2))  # (B, d_enc, T) -> (B, hidden, T/k)
-        return self.proj(x.transpose(1, 2))  # (B, T/k, d_llm)
-
-
-ADAPTERS = {"linear": LinearAdapter, "conv": ConvAdapter}
 
 
 @dataclass
@@ -164,6 +221,9 @@ class SlamASR(nn.Module):
         self.register_buffer("prefix_ids", torch.tensor(ids["prefix"], dtype=torch.long), persistent=False)
         self.register_buffer("suffix_ids", torch.tensor(ids["suffix"], dtype=torch.long), persistent=False)
         self.pad_id = self.processor.pad_id
+        # decoding options, the library's object: saved beside the adapter as generation_config.json
+        self.generation_config = GenerationConfig(max_new_tokens=200, num_beams=1, do_sample=False,
+                                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=self.pad_id)
         self.train(False)
 
     @classmethod
@@ -203,8 +263,7 @@ class SlamASR(nn.Module):
 
     def speech_lengths(self, audio_lengths):
         """Exact number of speech embeddings per clip, from its true number of samples."""
-        frame_lengths = self.encoder._get_feat_extract_output_lengths(audio_lengths)
-        return -(-frame_lengths // self.config.downsample)  # ceil: a partial last group is padded, not dropped
+        return self.adapter.output_lengths(self.encoder._get_feat_extract_output_lengths(audio_lengths))
 
     def encode(self, input_values, audio_lengths):
         """(B, N) zero-padded audio -> (encoder frames (B, T, d_enc), frame_lengths (B,))."""
@@ -226,17 +285,7 @@ class SlamASR(nn.Module):
 
     def adapt(self, frames, frame_lengths):
         """Encoder frames (B, T, d_enc) -> (speech_embeds (B, S, d_llm), speech_lengths (B,))."""
-        k = self.config.downsample
-        T = frames.shape[1]
-        # Zero the frames past each clip's end, then pad T to a multiple of k: a clip's last, partial group
-        # then holds the same values in a padded batch as alone.
-        valid = torch.arange(T, device=frames.device)[None] < frame_lengths[:, None]  # (B, T)
-        # in the adapter's own dtype: float32 master weights here, half where DeepSpeed casts the whole module
-        dtype = next(self.adapter.parameters()).dtype
-        frames = frames.to(dtype).masked_fill(~valid[..., None], 0.0)
-        frames = F.pad(frames, (0, 0, 0, (-T) % k))  # (B, ceil(T/k)*k, d_enc)
-        speech_embeds = self.adapter(frames)  # (B, S = ceil(T/k), d_llm)
-        return speech_embeds, -(-frame_lengths // k)
+        return self.adapter(frames, frame_lengths)
 
     # --- splice: [prefix] [speech] [suffix] [transcript + EOS] -------------------------------------------
 
@@ -310,51 +359,50 @@ class SlamASR(nn.Module):
     # --- generation ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def transcribe(self, audios, batch_size=8, max_new_tokens=200, num_beams=1):
-        """Transcribes 1-D float arrays at the encoder's rate; greedy by default, stops at EOS, uses the KV cache.
-        Clips are batched by length (left-padded prompts); the output keeps the input order."""
+    def transcribe(self, audios, batch_size=8, **generation_options):
+        """Transcribes 1-D float arrays at the encoder's rate, batched by length; the output keeps the input
+        order. `generation_options` (max_new_tokens=..., num_beams=...) update `generation_config` for this call."""
         order = sorted(range(len(audios)), key=lambda i: len(audios[i]), reverse=True)
         texts = [None] * len(audios)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_values, audio_lengths = self.processor.audio([audios[i] for i in chunk])
-            for i, text in zip(chunk, self.generate(input_values.to(self.device), audio_lengths.to(self.device),
-                                                    max_new_tokens=max_new_tokens, num_beams=num_beams)):
+            batch_texts = self.generate(input_values.to(self.device), audio_lengths.to(self.device),
+                                        **generation_options)
+            for i, text in zip(chunk, batch_texts):
                 texts[i] = text
         return texts
 
     @torch.no_grad()
     def generate(self, input_values=None, audio_lengths=None, encoder_frames=None, frame_lengths=None,
-                 max_new_tokens=200, num_beams=1):
-        """One padded batch -> list of transcripts."""
+                 generation_config=None, **generation_options):
+        """One padded batch (the processor's audio, or cached encoder frames) -> list of transcripts. Decodes
+        with `generation_config` (this model's unless given) updated by `generation_options`, as HF generate
+        does; stops at EOS, uses the KV cache, prompts left-padded."""
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        generation_config.update(**generation_options)
         if encoder_frames is None:
             encoder_frames, frame_lengths = self.encode(input_values, audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
         inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, left_pad=True)
-        out = self.llm.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )  # (B, new tokens): with inputs_embeds only, generate returns just the continuation
+        out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                generation_config=generation_config, use_cache=True)
+        # (B, new tokens): with inputs_embeds only, generate returns just the continuation
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # --- adapter save / load ------------------------------------------------------------------------------
 
     def save_adapter(self, directory):
-        """Writes the config and the prompt's token ids (JSON) and the adapter's weights (safetensors); nothing
-        of the frozen backbones. Each file goes to a temporary name, is flushed to disk and renamed, so that a
-        kill or a full disk never leaves a torn or empty file where a good one was."""
+        """Writes the config, the decoding options and the prompt's token ids (JSON) and the adapter's weights
+        (safetensors); nothing of the frozen backbones. Each file goes to a temporary name, is flushed to disk
+        and renamed, so that a kill or a full disk never leaves a torn or empty file where a good one was."""
         os.makedirs(directory, exist_ok=True)
         weights = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
         path = os.path.join(directory, WEIGHTS_NAME)
         save_file(weights, path + ".tmp", metadata={"format": "pt", "adapter": self.config.adapter})
         os.replace(path + ".tmp", path)
         write_text_atomic(os.path.join(directory, CONFIG_NAME), self.config.to_json_string())
+        write_text_atomic(os.path.join(directory, GENERATION_CONFIG_NAME), self.generation_config.to_json_string())
         self.processor.save_pretrained(directory)
 
     @classmethod
@@ -407,6 +455,8 @@ class SlamASR(nn.Module):
                 f"downsample={config.downsample}, adapter_hidden={config.adapter_hidden}: " + "; ".join(problems)
             )
         model.adapter.load_state_dict(weights, strict=True)
+        if os.path.isfile(os.path.join(directory, GENERATION_CONFIG_NAME)):
+            model.generation_config = GenerationConfig.from_pretrained(directory)
         return model
 
     # --- cost ----------------------------------------------------------------------------------------------
@@ -435,102 +485,3 @@ class SlamASR(nn.Module):
         head_tokens = target_tokens if self.head_on_targets_only else tokens
         head_forward = 2 * llm.hidden_size * llm.vocab_size * head_tokens
         return encoder_flops + adapter_flops + 2 * (llm_forward + head_forward)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Backbones
-
-
-def load_backbones(config, torch_dtype=None, trust_remote_code=False):
-    """(encoder, llm, tokenizer, feature_extractor) for the names in `config`; "tiny" builds them offline.
-    Both backbones run in `torch_dtype`, float32 when None: whatever dtype a checkpoint was saved in
-    (TinyLlama's hub weights are bfloat16), a float32 run gets float32 backbones."""
-    from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    tiny = tiny_backbones() if TINY in (config.encoder, config.llm) else None
-
-    def load(what, name, fn, **kwargs):
-        try:
-            return fn(name, trust_remote_code=trust_remote_code, **kwargs)
-        except OSError as e:
-            raise OSError(
-                f"could not load the {what} {name!r} ({e}). If this machine is offline, download it where there is "
-                f"a network (`hf download {name}`) and pass its local folder instead, or point HF_HOME at a cache "
-                "that holds it."
-            ) from None
-
-    if config.encoder == TINY:
-        encoder, feature_extractor = tiny[0], tiny[3]
-    else:
-        encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained, dtype=torch_dtype or torch.float32)
-        feature_extractor = load("feature extractor", config.encoder, AutoFeatureExtractor.from_pretrained)
-    if config.llm == TINY:
-        llm, tokenizer = tiny[1], tiny[2]
-    else:
-        llm = load("LLM", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch_dtype or torch.float32)
-        tokenizer = load("tokenizer", config.llm, AutoTokenizer.from_pretrained)
-    # transformers 5 reads dtype=None as "auto", the checkpoint's own dtype: always name the one wanted
-    torch_dtype = torch_dtype or torch.float32
-    encoder, llm = encoder.to(torch_dtype), llm.to(torch_dtype)
-    logger.info(f"speech encoder {config.encoder!r} runs in {torch_dtype}, LLM {config.llm!r} in {torch_dtype}; "
-                "the adapter trains in float32")
-    return encoder, llm, tokenizer, feature_extractor
-
-
-# Text the tiny tokenizer's BPE merges are learned from: common English, LibriSpeech-like words, chat markup.
-_TINY_TOKENIZER_TEXT = """
-the of and to a in that he was it his is with as i had for at by on not be she you but her from which they
-him this all were have my one so are said their what there we if me would when no been who out an more up
-into them then could do some now over see about time only any very man upon or its than our will two little
-great made before well like down should after such good long old must say these way first where day through
-ship sailed dawn opened book walked home rain voice quiet dog ran across field letter came late sat warm fire
-father liked sea children sang song looked dark sky took road door left open wind blew night found small boat
-read news aloud garden full light mother house water hand eyes life world heart thought place face room
-<|system|> <|user|> <|assistant|> you are a speech recognizer reply with the exact transcript of audio
-transcribe this audio
-"""
-
-
-def tiny_backbones(seed=0):
-    """A tiny random HubertModel, a tiny random LlamaForCausalLM, a byte-level BPE tokenizer trained offline
-    and a feature extractor: deterministic for a seed, built in about a second, for tests, demos and benchmarks.
-
-    The LLM's init is deliberately larger than the usual std 0.02: at that scale a tiny random transformer
-    passes almost no signal from the speech positions to the transcript positions, and no adapter can then
-    fit anything through it (measured: width 64 / std 0.02 stuck at loss 5.6, width 128 / std 0.1 down to 0.06).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                              Wav2Vec2FeatureExtractor)
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        _TINY_TOKENIZER_TEXT.split("\n"),
-        trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                            show_progress=False),
-    )
-    # BOS at the start of every text, as Llama's tokenizer does (the processor takes the tokenizer's own rule)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = HubertModel(HubertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-            conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-            feat_extract_norm="layer", do_stable_layer_norm=True,  # like hubert-large: takes an attention mask
-        ))
-        llm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, initializer_range=0.1,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-        ))
-    feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
-                                                 do_normalize=True, return_attention_mask=True)
-    return encoder.eval(), llm.eval(), tokenizer, feature_extractor

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT / "tests" / "fixtures" / "LibriSpeech"
 
-from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig, tiny_backbones  # noqa: E402
+from backbones import tiny_backbones  # noqa: E402
+from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig  # noqa: E402
 from processor import SlamASRProcessor  # noqa: E402
 
 

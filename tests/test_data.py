@@ -9,7 +9,7 @@ import torch
 from conftest import FIXTURE, hub_dataset, hub_rows, tiny_processor
 
 import data
-from model import tiny_backbones
+from backbones import tiny_backbones
 
 CLIP = FIXTURE / "test-clean" / "3001" / "4001" / "3001-4001-0000.flac"
 

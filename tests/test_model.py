@@ -5,9 +5,10 @@ import pytest
 import torch
 from conftest import make_model, overfit, tiny_processor
 
+from backbones import tiny_backbones
+from model import (ADAPTERS, CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, GENERATION_CONFIG_NAME, WEIGHTS_NAME, SlamASR,
+                   SlamASRConfig)
 from processor import PROMPT_IDS_NAME
-
-from model import CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, WEIGHTS_NAME, SlamASR, SlamASRConfig, tiny_backbones
 
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def test_encoder_gets_mask_only_when_feature_extractor_says_so(train_clips):
 
 # --- lengths, splice and labels -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("adapter", ["linear", "conv"])
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
 @pytest.mark.parametrize("downsample", [1, 3, 5])
 def test_speech_length_is_exact(adapter, downsample):
     model = make_model(adapter=adapter, downsample=downsample)
@@ -143,7 +144,7 @@ def test_truncation_keeps_eos():
 
 # --- padding invariance -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("adapter", ["linear", "conv"])
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
 def test_padded_batch_matches_singles(train_clips, adapter):
     audios, texts = train_clips
     audios, texts = audios[:4], texts[:4]
@@ -193,7 +194,7 @@ def test_beam_search_runs(trained_model, train_clips):
 
 # --- learning -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("adapter", ["linear", "conv"])
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
 def test_overfits_one_batch(train_clips, adapter):
     audios, texts = train_clips
     losses = overfit(make_model(adapter=adapter), audios[:4], texts[:4], steps=40)
@@ -204,14 +205,31 @@ def test_overfits_one_batch(train_clips, adapter):
 
 def test_save_load_round_trip(trained_model, train_clips, tmp_path):
     audios, _ = train_clips
+    trained_model.generation_config.max_new_tokens = 12
     trained_model.save_adapter(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME, GENERATION_CONFIG_NAME])
     from safetensors.torch import load_file
     assert set(load_file(tmp_path / WEIGHTS_NAME)) == set(trained_model.adapter.state_dict())
     loaded = SlamASR.load_adapter(tmp_path)  # backbones rebuilt by name ("tiny")
     for a, b in zip(loaded.adapter.parameters(), trained_model.adapter.parameters()):
         assert torch.equal(a, b)
-    assert loaded.transcribe(audios, max_new_tokens=12) == trained_model.transcribe(audios, max_new_tokens=12)
+    assert loaded.generation_config.max_new_tokens == 12  # the decoding options travel with the adapter
+    assert loaded.transcribe(audios) == trained_model.transcribe(audios)
+    trained_model.generation_config.max_new_tokens = 200
+
+
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_every_adapter_kind_saves_and_loads(adapter, train_clips, tmp_path):
+    audios, texts = train_clips
+    model = make_model(adapter=adapter)
+    overfit(model, audios[:2], texts[:2], steps=3)
+    model.save_adapter(tmp_path)
+    loaded = SlamASR.load_adapter(tmp_path)
+    assert type(loaded.adapter) is ADAPTERS[adapter]
+    for (name, a), (_, b) in zip(loaded.adapter.state_dict().items(), model.adapter.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert loaded.loss(audios[:2], texts[:2]) == model.loss(audios[:2], texts[:2])
 
 
 def test_truncated_adapter_fails_loudly(trained_model, tmp_path):
