@@ -48,6 +48,14 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
     return encoder, llm, tokenizer, feature_extractor
 
 
+# TinyLlama-1.1B-Chat-v1.0's chat template (tokenizer_config.json), so that the tiny LLM chats like it
+TINYLLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
 # Text the tiny tokenizer's BPE merges are learned from: common English, LibriSpeech-like words, chat markup.
 _TINY_TOKENIZER_TEXT = """
 the of and to a in that he was it his is with as i had for at by on not be she you but her from which they
@@ -87,7 +95,7 @@ def tiny_backbones(seed=0):
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")
+                                        pad_token="<pad>", chat_template=TINYLLAMA_CHAT_TEMPLATE)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -24,16 +24,15 @@ from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
 from backbones import load_backbones
-from processor import PROMPT_IDS_NAME, SPEECH_PLACEHOLDER, SlamASRProcessor, write_text_atomic
+from processor import PROMPT_IDS_NAME, SPEECH_PLACEHOLDER, SlamASRProcessor, chat_prompt_template, write_text_atomic
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "slam_asr_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 GENERATION_CONFIG_NAME = "generation_config.json"  # transformers' own name for it
 
-# TinyLlama-1.1B-Chat's own chat format (Zephyr style), as its chat template renders a system and a user turn
-# with the generation prompt on; `</s>` is its EOS token. The speech starts a line of its own: a space before
-# it would be a lone "▁" token between the text and the speech.
+# What TinyLlama-1.1B-Chat's chat template (Zephyr style) renders for the processor's system and user turns,
+# generation prompt on: the prompt of the default LLM. `</s>` is its EOS token.
 DEFAULT_PROMPT_TEMPLATE = (
     "<|system|>\nYou are a speech recognizer. Reply with the exact transcript of the audio.</s>\n"
     "<|user|>\nTranscribe this audio:\n<speech></s>\n<|assistant|>\n"
@@ -134,12 +133,13 @@ class SlamASRConfig:
     downsample: int = field(default=5, metadata={
         "help": "Encoder frames per speech embedding (HuBERT's 50 Hz -> 10 Hz at 5)."})
     adapter_hidden: int = field(default=2048, metadata={"help": "Width of the adapter's hidden layer."})
-    prompt_template: str = field(default=DEFAULT_PROMPT_TEMPLATE, metadata={
-        "help": "The LLM's prompt, with exactly one <speech>; the transcript and EOS follow it."})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "The LLM's prompt, with exactly one <speech>; the transcript and EOS follow it. By default the "
+                "LLM tokenizer's own chat template renders it (a system turn, a user turn holding the speech)."})
 
     def __post_init__(self):
         # Checked here, before any download, so that a typo costs a second and not a 5 GB fetch.
-        count = self.prompt_template.count(SPEECH_PLACEHOLDER)
+        count = 1 if self.prompt_template is None else self.prompt_template.count(SPEECH_PLACEHOLDER)
         if count != 1:
             raise ValueError(
                 f"prompt_template must contain exactly one {SPEECH_PLACEHOLDER} placeholder, found {count}: "
@@ -186,6 +186,27 @@ class SlamASROutput(ModelOutput):
     num_tokens: torch.Tensor | None = None  # supervised tokens (transcript + EOS) the loss averages over
 
 
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME, GENERATION_CONFIG_NAME)
+
+
+def resolve_adapter_dir(name_or_path):
+    """A local adapter folder as it is; anything else is a hub repo id, fetched (adapter files only) through
+    huggingface_hub, so that its cache, HF_HUB_OFFLINE and HF_TOKEN work as everywhere else."""
+    if os.path.isdir(name_or_path):
+        return str(name_or_path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return snapshot_download(str(name_or_path), allow_patterns=list(ADAPTER_FILES))
+    except HFValidationError:
+        raise FileNotFoundError(f"{name_or_path} is neither an adapter folder nor a hub repo id") from None
+    except Exception as e:  # not on the hub, not in the cache while offline, no network, no access
+        raise OSError(f"{name_or_path} is not a local folder, and the hub repo of that name could not be fetched "
+                      f"({type(e).__name__}: {e}). Offline, the adapter must be in the hub cache (HF_HOME) or "
+                      "given as a folder.") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The model
 
@@ -196,6 +217,8 @@ class SlamASR(nn.Module):
 
     def __init__(self, config, encoder, llm, tokenizer, feature_extractor, prompt_ids=None):
         super().__init__()
+        if config.prompt_template is None:  # the one the adapter trains with is saved with it, written out
+            config = replace(config, prompt_template=chat_prompt_template(tokenizer))
         self.config = config
         self.encoder = encoder
         self.llm = llm
@@ -408,9 +431,10 @@ class SlamASR(nn.Module):
     @classmethod
     def load_adapter(cls, directory, encoder=None, llm=None, tokenizer=None, feature_extractor=None,
                      torch_dtype=None, trust_remote_code=False):
-        """Rebuilds a SlamASR from an adapter directory: the backbones named in its config unless given, the
-        prompt ids saved with it, and the adapter loaded strictly (every tensor present, no extra, same
-        shapes, finite)."""
+        """Rebuilds a SlamASR from an adapter directory or hub repo id: the backbones named in its config
+        unless given, the prompt ids and decoding options saved with it, and the adapter loaded strictly
+        (every tensor present, no extra, same shapes, finite)."""
+        directory = resolve_adapter_dir(directory)
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         for path in (config_path, weights_path):

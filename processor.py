@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 SPEECH_PLACEHOLDER = "<speech>"
 PROMPT_IDS_NAME = "prompt_ids.json"
+SYSTEM_PROMPT = "You are a speech recognizer. Reply with the exact transcript of the audio."
+USER_PROMPT = f"Transcribe this audio:\n{SPEECH_PLACEHOLDER}"  # the speech on a line of its own: no lone space
 # Transcript beginnings used to find how much of the suffix tokenizes the same whatever follows it: a suffix
 # ending in a space ("ASSISTANT: ") loses its last token to the transcript's first word ("▁he").
 _PROBE_STARTS = ("a", "the", "I", "1", "hello", "'tis")
@@ -41,6 +43,26 @@ def write_text_atomic(path, text):
             os.remove(path + ".tmp")
         raise
     os.replace(path + ".tmp", path)
+
+
+def chat_prompt_template(tokenizer):
+    """The prompt template as the LLM tokenizer's own chat template renders a system turn and a user turn holding
+    the speech, generation prompt on: each chat LLM gets its own format (TinyLlama's is DEFAULT_PROMPT_TEMPLATE
+    in model.py)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the LLM's tokenizer ({getattr(tokenizer, 'name_or_path', '')!r}) has no chat template "
+                         f"(not a chat model?): pass --prompt_template with one {SPEECH_PLACEHOLDER}")
+    from jinja2 import TemplateError
+
+    turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_PROMPT}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    except TemplateError:  # templates without a system role (Gemma's) refuse it: the instruction goes first
+        turns = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n{USER_PROMPT}"}]
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]  # the tokenizer adds its BOS itself (Llama 3's template writes it)
+    return text
 
 
 def _common_prefix(a, b):

@@ -1,0 +1,107 @@
+"""Other LLMs than TinyLlama: the prompt from each tokenizer's own chat template."""
+
+import pytest
+import torch
+from conftest import ROOT, overfit, read_split
+
+from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig
+from processor import chat_prompt_template
+
+# Qwen2's ChatML chat template, without its tool-calling branches
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    """A tiny random Qwen2ForCausalLM with a ChatML tokenizer (no BOS, EOS <|im_end|>), saved as the hub has it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from backbones import _TINY_TOKENIZER_TEXT
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_TINY_TOKENIZER_TEXT.split("\n"), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=QWEN2_CHAT_TEMPLATE)
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    path = tmp_path_factory.mktemp("qwen2")
+    llm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_the_prompt_comes_from_the_llms_chat_template(qwen2_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    llama2 = AutoTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "llama2-tokenizer")
+    assert chat_prompt_template(llama2) == DEFAULT_PROMPT_TEMPLATE  # TinyLlama's, as today's default
+
+    model = SlamASR.from_config(SlamASRConfig(encoder="tiny", llm=qwen2_dir, adapter_hidden=256))
+    assert model.config.prompt_template == (
+        "<|im_start|>system\nYou are a speech recognizer. Reply with the exact transcript of the audio.<|im_end|>\n"
+        "<|im_start|>user\nTranscribe this audio:\n<speech><|im_end|>\n<|im_start|>assistant\n")
+    labels, _ = model.processor.labels(["the ship"])
+    assert labels[0, -1].item() == model.tokenizer.convert_tokens_to_ids("<|im_end|>")  # its end of turn is EOS
+    assert model.prefix_ids[0].item() == model.tokenizer.convert_tokens_to_ids("<|im_start|>")  # no BOS in Qwen2
+
+    audios, texts = read_split("train-clean-100")
+    losses = overfit(model, audios[:2], texts[:2], steps=40)
+    assert losses[-1] < 0.5 * losses[0]
+    model.save_adapter(tmp_path)
+    loaded = SlamASR.load_adapter(tmp_path)  # the rendered template was saved, written out
+    assert loaded.config.prompt_template == model.config.prompt_template
+    assert loaded.transcribe(audios[:2], max_new_tokens=12) == model.transcribe(audios[:2], max_new_tokens=12)
+
+
+def test_an_llm_without_a_chat_template_needs_a_prompt_template(qwen2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_dir)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template.*--prompt_template"):
+        chat_prompt_template(tokenizer)
+
+
+# --- the hub ----------------------------------------------------------------------------------------------------
+
+def hub_cache_with(tmp_path, repo_id, folder):
+    """`folder`'s files in a cache laid out as huggingface_hub lays it out: blobs named by hash, a snapshot of
+    symlinks to them per commit, refs/main naming that commit."""
+    import hashlib
+
+    repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for path in sorted(folder.iterdir()):
+        blob = hashlib.sha256(path.read_bytes()).hexdigest()
+        (repo / "blobs" / blob).write_bytes(path.read_bytes())
+        (repo / "snapshots" / commit / path.name).symlink_to(f"../../blobs/{blob}")
+    return tmp_path / "hub"
+
+
+def test_an_adapter_loads_by_hub_repo_id_from_the_cache_offline(trained_model, train_clips, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    trained_model.save_adapter(tmp_path / "adapter")
+    cache = hub_cache_with(tmp_path, "someone/slam-asr-tiny", tmp_path / "adapter")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # tests never touch the network: served from the cache
+    loaded = SlamASR.load_adapter("someone/slam-asr-tiny")
+    audios, _ = train_clips
+    assert loaded.transcribe(audios[:3], max_new_tokens=12) == trained_model.transcribe(audios[:3], max_new_tokens=12)
+    with pytest.raises(OSError, match="someone/not-there.*could not be fetched"):
+        SlamASR.load_adapter("someone/not-there")
