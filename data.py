@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import stat
 import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -80,10 +81,31 @@ def word_error_rate(references, hypotheses):
 # Audio
 
 
+def file_problem(path):
+    """Why the audio file at `path` must not be opened, or None. Only regular files are opened: opening a FIFO
+    (or a device) named *.flac blocks until something writes to it, forever, and Ctrl-C cannot interrupt it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing audio file"
+    except OSError as e:
+        return f"cannot stat the audio file ({e.strerror})"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_file(source):
+    """Raises DataError naming the file when `source` is a path that must not be opened (see file_problem)."""
+    if isinstance(source, (str, Path)):
+        problem = file_problem(source)
+        if problem:
+            raise DataError(f"{source}: {problem}")
+
+
 def read_audio(source, sampling_rate=SAMPLE_RATE):
     """A file path or bytes -> 1-D float32 at `sampling_rate` (mixed to mono, resampled).
-    Raises DataError for unreadable, empty, too short or non-finite audio."""
+    Raises DataError for missing, non-regular, unreadable, empty, too short or non-finite audio."""
     name = source if isinstance(source, (str, Path)) else "<bytes>"
+    check_file(source)
     try:
         data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
                              always_2d=True)  # (samples, channels); integer formats scaled to [-1, 1]
@@ -114,8 +136,13 @@ def load_clips(load, records):
 
 
 def audio_duration(source):
-    """Seconds, from the file header alone (no decoding)."""
-    info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+    """Seconds, from the file header alone (no decoding). Raises DataError naming the file when it cannot."""
+    check_file(source)
+    name = source if isinstance(source, (str, Path)) else "<bytes>"
+    try:
+        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"{name}: cannot read audio ({e})") from None
     return info.frames / info.samplerate
 
 
@@ -258,15 +285,14 @@ def add_durations(records, report, num_workers=8):
     def probe(record):
         try:
             return audio_duration(record["audio"])
-        except Exception as e:
+        except DataError as e:
             return e
 
     with ThreadPoolExecutor(num_workers) as pool:
         results = list(tqdm(pool.map(probe, todo), total=len(todo), desc="reading audio headers", disable=not todo))
     for record, result in zip(todo, results):
         if isinstance(result, Exception):
-            reason = "missing audio file" if not os.path.exists(record["audio"]) else "unreadable audio"
-            report.add(reason, record["audio"])
+            report.add(file_problem(record["audio"]) or "unreadable audio", record["audio"])
             record["duration"] = None
         else:
             record["duration"] = result
@@ -338,8 +364,6 @@ class SpeechDataset(RecordDataset):
         if isinstance(source, int):  # a row of the hub dataset
             audio = self.hub_dataset[source]["audio"]
             source = audio["bytes"] or audio["path"]
-        elif not os.path.exists(source):
-            raise DataError(f"{source}: missing audio file")
         return read_audio(source, self.sampling_rate)
 
     def __getitem__(self, index):

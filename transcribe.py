@@ -82,8 +82,8 @@ def transcribe_records(model, records, batch_size, max_new_tokens, num_beams, ma
     for r in records:
         try:
             r["duration"] = data.audio_duration(r["audio"])
-        except Exception as e:
-            r["error"] = f"cannot read audio ({e})"
+        except data.DataError as e:
+            r["error"] = str(e)
         else:
             if r["duration"] > max_duration:
                 r["error"] = f"{r['duration']:.1f} s is longer than --max_duration {max_duration:g} s; split it first"

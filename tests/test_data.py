@@ -1,12 +1,13 @@
 import itertools
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import FIXTURE, hub_dataset, hub_rows
+from conftest import FIXTURE, hub_dataset, hub_rows, returns_within
 
 import data
 from model import tiny_backbones
@@ -119,7 +120,7 @@ def test_resampling_and_stereo(tmp_path, clip, rate, subtype):
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda p: None, "cannot read"),  # missing
+    (lambda p: None, "missing audio file"),
     (lambda p: p.write_bytes(CLIP.read_bytes()[:300]), "cannot read"),  # truncated flac
     (lambda p: p.write_text("this is not audio"), "cannot read"),
     (lambda p: sf.write(p, np.zeros(0, np.float32), 16000, format="WAV"), "too short"),
@@ -135,6 +136,19 @@ def test_bad_audio_is_a_clear_error(tmp_path, make, reason):
     with pytest.raises(data.DataError, match=reason) as e:
         data.read_audio(str(path))
     assert "bad.flac" in str(e.value)
+
+
+def test_fifo_is_never_opened(tmp_path, clip):
+    fifo = tmp_path / "pipe.flac"
+    os.mkfifo(fifo)
+    sf.write(tmp_path / "good.wav", clip, 16000)
+    for read in (data.read_audio, data.audio_duration):
+        with pytest.raises(data.DataError, match="pipe.flac: not a regular file"):
+            returns_within(5, lambda: read(str(fifo)), fifo)
+    records = [dict(id="pipe", audio=str(fifo), text="a"), dict(id="good", audio=str(tmp_path / "good.wav"), text="b")]
+    report = data.DataReport("fifo")
+    kept = returns_within(5, lambda: data.add_durations(records, report), fifo)
+    assert [r["id"] for r in kept] == ["good"] and report.counts == {"not a regular file": 1}
 
 
 # --- text and filters ---------------------------------------------------------------------------------------

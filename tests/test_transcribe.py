@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE, ROOT, returns_within
 
 import transcribe
 
@@ -59,6 +60,19 @@ def test_folder_with_good_odd_and_bad_files(adapter_dir, audio_dir, tmp_path, ca
     assert rows["good.flac"]["text"] == "she opened the old book"  # a clip the adapter learnt
     assert rows["float.wav"]["text"] == "the ship sailed at dawn"  # same samples, float64 container
     assert "5 of 8 inputs; 3 failed" in err
+
+
+def test_fifo_is_an_error_line_not_a_hang(adapter_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.flac").write_bytes((TRAIN / "1001/2001/1001-2001-0001.flac").read_bytes())
+    os.mkfifo(folder / "pipe.flac")
+    out = tmp_path / "o.jsonl"
+    code, err = returns_within(30, lambda: run(["--adapter", str(adapter_dir), str(folder), "--output", str(out),
+                                                 "--max_new_tokens", "12"], capsys), folder / "pipe.flac")
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in read_lines(out)}
+    assert code == 0 and "not a regular file" in rows["pipe.flac"]["error"] and "text" in rows["good.flac"]
+    assert "1 of 2 inputs; 1 failed" in err
 
 
 def test_batched_equals_one_at_a_time(adapter_dir, tmp_path, capsys):
