@@ -11,6 +11,7 @@ file (`strict_data=True` makes either an immediate error).
 import io
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16000  # HuBERT's; every clip is resampled to the encoder's rate, which is this for all HuBERTs
 MIN_AUDIO_SAMPLES = 400  # HuBERT's conv front end sees 400 samples (25 ms) per frame: shorter clips give none
 MAX_REPLACEMENTS = 16  # consecutive bad clips tolerated while loading before the data is declared broken
+# a manifest "duration" further than this from the file's header says the line does not describe that file
+DURATION_TOLERANCE = 0.5  # seconds: rounding and a few trimmed frames stay within it
 
 
 class DataError(ValueError):
@@ -212,7 +215,8 @@ def index_librispeech(root, splits, report):
 
 def read_manifest(path, report, require_text=True):
     """Records from a JSON-lines manifest: {"audio": path (relative to the manifest), "text": ...}, optional
-    "id" and "duration"."""
+    "id" and "duration". A listed duration is kept as `listed_duration` to be checked against the file's
+    header (add_durations); it is never used in place of the header's."""
     base = Path(path).parent
     records = []
     with open(path, encoding="utf-8") as f:
@@ -232,8 +236,13 @@ def read_manifest(path, report, require_text=True):
                 continue
             audio = str(base / entry["audio"])
             record = dict(id=str(entry.get("id", entry["audio"])), audio=audio, text=entry.get("text", ""))
-            if isinstance(entry.get("duration"), (int, float)):
-                record["duration"] = float(entry["duration"])
+            if "duration" in entry:
+                listed = entry["duration"]  # json.loads accepts NaN and Infinity
+                if isinstance(listed, bool) or not isinstance(listed, (int, float)) or not (
+                        math.isfinite(listed) and listed >= 0):
+                    report.add('manifest "duration" is not a finite number >= 0', where)
+                    continue
+                record["listed_duration"] = float(listed)
             records.append(record)
     return records
 
@@ -279,8 +288,10 @@ def records_from_hub(dataset, report, num_proc=None):
 
 
 def add_durations(records, report, num_workers=8):
-    """Fills each record's duration from its file header (threads: header reads are I/O bound)."""
-    todo = [r for r in records if "duration" not in r]
+    """Fills each record's duration from its file header (threads: header reads are I/O bound), and drops the
+    records whose manifest-listed duration disagrees with it: a filter on a wrong duration would let a 40 s
+    clip labelled 2 s past --max_duration."""
+    todo = [r for r in records if "duration" not in r]  # hub rows have theirs, from their headers
 
     def probe(record):
         try:
@@ -294,6 +305,10 @@ def add_durations(records, report, num_workers=8):
         if isinstance(result, Exception):
             report.add(file_problem(record["audio"]) or "unreadable audio", record["audio"])
             record["duration"] = None
+        elif abs(record.get("listed_duration", result) - result) > DURATION_TOLERANCE:
+            report.add(f"manifest duration differs from the audio header by more than {DURATION_TOLERANCE:g} s",
+                       f"{record['audio']}: listed {record['listed_duration']:g} s, header {result:.2f} s")
+            record["duration"] = None
         else:
             record["duration"] = result
     return [r for r in records if r["duration"] is not None]
@@ -304,6 +319,8 @@ def drop_reason(text, duration, min_duration=0.0, max_duration=float("inf")):
     min_duration = max(min_duration, MIN_AUDIO_SAMPLES / SAMPLE_RATE)
     if not text:
         return "empty transcript"
+    if not (math.isfinite(duration) and duration >= 0):  # NaN compares false with every bound below
+        return "duration is not a finite number >= 0"
     if duration < min_duration:
         return f"shorter than {min_duration:g} s"
     if duration > max_duration:

@@ -100,6 +100,26 @@ def test_manifest_and_malformed_lines(tmp_path, clip):
     assert data.build_dataset("m", records, report)[0]["text"] == "hello world"
 
 
+def test_manifest_duration_is_checked_against_the_header(tmp_path, clip):
+    sf.write(tmp_path / "a.wav", clip, 16000)
+    sf.write(tmp_path / "long.wav", np.zeros(40 * 16000, np.int16), 16000)
+    seconds = len(clip) / 16000
+    listed = [("long.wav", 2.0), ("a.wav", float("nan")), ("a.wav", -1.0), ("a.wav", "3"), ("a.wav", seconds + 0.2),
+              ("long.wav", None)]
+    lines = [json.dumps({"audio": a, "text": "x", "id": str(i), **({} if d is None else {"duration": d})})
+             for i, (a, d) in enumerate(listed)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))  # json writes the float NaN as NaN, and reads it back
+    report = data.DataReport("m")
+    dataset = data.build_dataset("m", data.read_manifest(tmp_path / "m.jsonl", report), report, max_duration=30.0)
+    assert [r["id"] for r in dataset.records] == ["4"]
+    assert dataset.durations == [pytest.approx(seconds)]  # the header's, not the listed one
+    assert report.counts == {'manifest "duration" is not a finite number >= 0': 3,
+                             "manifest duration differs from the audio header by more than 0.5 s": 1,
+                             "longer than --max_duration 30 s": 1}
+    assert "listed 2 s, header 40.00 s" in report.examples["manifest duration differs from the audio header by "
+                                                           "more than 0.5 s"][0]
+
+
 # --- audio --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
@@ -164,11 +184,13 @@ def test_normalizer_shared_by_targets_and_wer():
 
 def test_filters_count_what_they_drop():
     records = [dict(id=str(i), audio="x", text=t, duration=d) for i, (t, d) in enumerate(
-        [("ok", 3.0), ("", 3.0), ("   \t", 3.0), ("short", 0.2), ("long", 40.0), ("café ✓ 日本", 2.0)])]
+        [("ok", 3.0), ("", 3.0), ("   \t", 3.0), ("short", 0.2), ("long", 40.0), ("café ✓ 日本", 2.0),
+         ("nan", float("nan")), ("negative", -1.0), ("inf", float("inf"))])]
     report = data.DataReport("f")
     kept = data.filter_records(records, report, min_duration=0.5, max_duration=30.0)
     assert [r["id"] for r in kept] == ["0", "5"]
-    assert report.counts == {"empty transcript": 2, "shorter than 0.5 s": 1, "longer than --max_duration 30 s": 1}
+    assert report.counts == {"empty transcript": 2, "shorter than 0.5 s": 1, "longer than --max_duration 30 s": 1,
+                             "duration is not a finite number >= 0": 3}
     with pytest.raises(data.DataError, match="strict_data"):
         report.log(strict_data=True)
 
