@@ -120,6 +120,18 @@ def test_manifest_duration_is_checked_against_the_header(tmp_path, clip):
                                                            "more than 0.5 s"][0]
 
 
+def test_duplicate_ids_are_dropped_and_counted(tmp_path, clip):
+    sf.write(tmp_path / "a.wav", clip, 16000)
+    sf.write(tmp_path / "b.wav", clip[:16000], 16000)
+    lines = [{"audio": "a.wav", "text": "first", "id": "u1"}, {"audio": "b.wav", "text": "second", "id": "u1"},
+             {"audio": "b.wav", "text": "third", "id": "u2"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    report = data.DataReport("m")
+    dataset = data.build_dataset("m", data.read_manifest(tmp_path / "m.jsonl", report), report)
+    assert [(r["id"], r["text"]) for r in dataset.records] == [("u1", "first"), ("u2", "third")]
+    assert report.counts == {"duplicate id": 1}
+
+
 # --- audio --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
