@@ -571,8 +571,8 @@ class FeatureCache:
         self.load_index()
         index_path = self.dir / f"index-rank{rank}.json"
         shards = json.loads(index_path.read_text()) if index_path.exists() else {}
-        todo = {self.entry_name(r): r for r in dataset.records[rank::world] if r not in self}  # one per audio
-        todo = list(todo.values())
+        # one record per audio: ids naming the same file share its entry
+        todo = list({self.entry_name(r): r for r in dataset.records[rank::world] if r not in self}.values())
         todo.sort(key=lambda r: r["duration"])  # similar lengths per batch: less padding
         failed, pending, pending_bytes = [], {}, 0
 

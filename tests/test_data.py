@@ -49,6 +49,16 @@ def test_hub_schema_built_locally(clip):
     assert dataset[2]["text"] == rows[2]["text"].lower()
 
 
+def test_hub_rows_are_known_by_dataset_and_row():
+    rows = hub_rows("dev-clean")
+    identities = lambda rows: [r["audio_identity"] for r in data.records_from_hub(  # noqa: E731
+        hub_dataset(rows), data.DataReport("hub"))[0]]
+    first = identities(rows)
+    assert len(set(first)) == len(rows)
+    assert identities(rows) == first  # the same data, indexed again (the next run), finds its cache entries
+    assert identities(rows[::-1])[0] != first[0]  # other audio in row 0: another entry
+
+
 @pytest.mark.parametrize("world", [2, 3])  # 4 shards: split by shard over 2 ranks, by clip over 3
 def test_stream_splits_over_ranks_and_restarts_reshuffled(world):
     rows = hub_rows("train-clean-100")
