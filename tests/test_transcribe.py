@@ -172,6 +172,25 @@ def test_lines_are_written_as_made_and_resume_finishes_the_rest(adapter_dir, tmp
     assert "transcribed 8 of 8 inputs; 0 failed" in err and "on 8 utterances" in err  # resumed lines counted
 
 
+def test_ctrl_c_keeps_the_lines_and_says_how_to_resume(adapter_dir, tmp_path, capsys, monkeypatch):
+    from model import SlamASR
+    real = SlamASR.transcribe
+    calls = []
+
+    def interrupted_in_second_batch(model, audios, **kw):
+        calls.append(len(audios))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, audios, **kw)
+
+    monkeypatch.setattr(SlamASR, "transcribe", interrupted_in_second_batch)
+    out = tmp_path / "o.jsonl"
+    code, err = run(["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "test-clean",
+                     "--batch_size", "2", "--max_new_tokens", "12", "--output", str(out)], capsys)
+    assert code == 130 and len(read_lines(out)) == 2
+    assert f"interrupted: 2 lines are in {out}; the same command with --resume" in err
+
+
 def test_demo_tiny_runs_offline(tmp_path):
     out = subprocess.run([sys.executable, "proof_of_concept.py", "--tiny", "--steps", "60"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300,
