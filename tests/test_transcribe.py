@@ -172,6 +172,17 @@ def test_lines_are_written_as_made_and_resume_finishes_the_rest(adapter_dir, tmp
     assert "transcribed 8 of 8 inputs; 0 failed" in err and "on 8 utterances" in err  # resumed lines counted
 
 
+def test_resume_reads_back_any_hypothesis_and_drops_a_torn_line(tmp_path):
+    out = tmp_path / "o.jsonl"
+    rows = [{"path": "a.flac", "text": "line\u2028separator"}, {"path": "b.flac", "error": "x"}]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + '{"path": "c.fl')
+    assert transcribe.read_output(str(out)) == rows
+    assert out.read_text().endswith('"x"}\n')  # the torn line is gone; appending starts on a fresh line
+    out.write_text("not json\n")
+    with pytest.raises(SystemExit, match="o.jsonl:1 is not a line transcribe.py writes"):
+        transcribe.read_output(str(out))
+
+
 def test_ctrl_c_keeps_the_lines_and_says_how_to_resume(adapter_dir, tmp_path, capsys, monkeypatch):
     from model import SlamASR
     real = SlamASR.transcribe
