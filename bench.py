@@ -68,7 +68,8 @@ def synthetic_corpus(n, seed=0):
     for i, d in enumerate(durations):
         audio = (0.1 * rng.standard_normal(int(d * data.SAMPLE_RATE))).astype(np.float32)
         text = " ".join(rng.choice(words, size=max(1, round(d * WORDS_PER_SECOND))))
-        clips.append(dict(id=f"clip{i:05d}", audio=audio, text=text, duration=len(audio) / data.SAMPLE_RATE))
+        clips.append(dict(id=f"clip{i:05d}", audio=audio, text=text, duration=len(audio) / data.SAMPLE_RATE,
+                          audio_identity=f"synthetic:{seed}:{i}"))  # what the feature cache names it by
     return clips
 
 
@@ -133,7 +134,7 @@ def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, l
         chosen = [clips[i] for i in batch]
         labels = model.processor.labels([c["text"] for c in chosen])[0].to(device)
         if cache is not None:
-            frames, frame_lengths = data.collate_frames([dict(frames=cache.read(c["id"])) for c in chosen])
+            frames, frame_lengths = data.collate_frames([dict(frames=cache.read(c)) for c in chosen])
             frames, frame_lengths = frames.to(device, non_blocking=True), frame_lengths.to(device)
         else:
             input_values, audio_lengths = model.processor.audio([c["audio"] for c in chosen])

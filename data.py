@@ -2,17 +2,21 @@
 Audio and transcripts: reading, resampling, normalizing, indexing the three sources (the hub copy of
 LibriSpeech, a LibriSpeech folder, a JSON-lines manifest), filtering, and batching.
 
-Every source becomes a list of records {id, audio, text, duration}; `audio` is a file path, or a row of
-the hub dataset. Problems found while indexing are counted per reason in a `DataReport`; a clip that fails
+Every source becomes a list of records {id, audio, text, duration, audio_identity}; `audio` is a file path,
+or a row of the hub dataset; `audio_identity` names the audio itself (see file_identity), for the feature
+cache. Problems found while indexing are counted per reason in a `DataReport`; a clip that fails
 while a batch is loaded is replaced by the next good one and counted, so a long run never dies on one bad
 file (`strict_data=True` makes either an immediate error).
 """
 
+import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
+import stat
 import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +34,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16000  # HuBERT's; every clip is resampled to the encoder's rate, which is this for all HuBERTs
 MIN_AUDIO_SAMPLES = 400  # HuBERT's conv front end sees 400 samples (25 ms) per frame: shorter clips give none
 MAX_REPLACEMENTS = 16  # consecutive bad clips tolerated while loading before the data is declared broken
+# a manifest "duration" further than this from the file's header says the line does not describe that file
+DURATION_TOLERANCE = 0.5  # seconds: rounding and a few trimmed frames stay within it
 
 
 class DataError(ValueError):
@@ -79,10 +85,31 @@ def word_error_rate(references, hypotheses):
 # Audio
 
 
+def file_problem(path):
+    """Why the audio file at `path` must not be opened, or None. Only regular files are opened: opening a FIFO
+    (or a device) named *.flac blocks until something writes to it, forever, and Ctrl-C cannot interrupt it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing audio file"
+    except OSError as e:
+        return f"cannot stat the audio file ({e.strerror})"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_file(source):
+    """Raises DataError naming the file when `source` is a path that must not be opened (see file_problem)."""
+    if isinstance(source, (str, Path)):
+        problem = file_problem(source)
+        if problem:
+            raise DataError(f"{source}: {problem}")
+
+
 def read_audio(source, sampling_rate=SAMPLE_RATE):
     """A file path or bytes -> 1-D float32 at `sampling_rate` (mixed to mono, resampled).
-    Raises DataError for unreadable, empty, too short or non-finite audio."""
+    Raises DataError for missing, non-regular, unreadable, empty, too short or non-finite audio."""
     name = source if isinstance(source, (str, Path)) else "<bytes>"
+    check_file(source)
     try:
         data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
                              always_2d=True)  # (samples, channels); integer formats scaled to [-1, 1]
@@ -112,9 +139,22 @@ def load_clips(load, records):
     return loaded, audios, failed
 
 
+def file_identity(path):
+    """What the feature cache knows a file's audio by: resolved path + size + mtime_ns. A stat is free at
+    indexing, where a content hash would read all the audio (tens of GB) at every start; a rewritten file gets
+    a new identity."""
+    st = os.stat(path)
+    return f"file:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def audio_duration(source):
-    """Seconds, from the file header alone (no decoding)."""
-    info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+    """Seconds, from the file header alone (no decoding). Raises DataError naming the file when it cannot."""
+    check_file(source)
+    name = source if isinstance(source, (str, Path)) else "<bytes>"
+    try:
+        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"{name}: cannot read audio ({e})") from None
     return info.frames / info.samplerate
 
 
@@ -184,7 +224,8 @@ def index_librispeech(root, splits, report):
 
 def read_manifest(path, report, require_text=True):
     """Records from a JSON-lines manifest: {"audio": path (relative to the manifest), "text": ...}, optional
-    "id" and "duration"."""
+    "id" and "duration". A listed duration is kept as `listed_duration` to be checked against the file's
+    header (add_durations); it is never used in place of the header's."""
     base = Path(path).parent
     records = []
     with open(path, encoding="utf-8") as f:
@@ -204,8 +245,13 @@ def read_manifest(path, report, require_text=True):
                 continue
             audio = str(base / entry["audio"])
             record = dict(id=str(entry.get("id", entry["audio"])), audio=audio, text=entry.get("text", ""))
-            if isinstance(entry.get("duration"), (int, float)):
-                record["duration"] = float(entry["duration"])
+            if "duration" in entry:
+                listed = entry["duration"]  # json.loads accepts NaN and Infinity
+                if isinstance(listed, bool) or not isinstance(listed, (int, float)) or not (
+                        math.isfinite(listed) and listed >= 0):
+                    report.add('manifest "duration" is not a finite number >= 0', where)
+                    continue
+                record["listed_duration"] = float(listed)
             records.append(record)
     return records
 
@@ -224,7 +270,9 @@ def load_hub_librispeech(name, config, split, streaming=False, cache_dir=None):
 
 def records_from_hub(dataset, report, num_proc=None):
     """Records from a (non-streaming) `datasets.Dataset` with LibriSpeech's hub schema (id, audio, text).
-    Durations come from each clip's header, computed once and cached by `datasets`."""
+    Durations come from each clip's header, computed once and cached by `datasets`. A row's audio identity is
+    the dataset's fingerprint (which `datasets` derives from its data files and transforms) + the row: free,
+    where hashing the bytes would read the whole split at every start."""
     import datasets
 
     if isinstance(dataset.features["audio"], datasets.Audio) and dataset.features["audio"].decode:
@@ -246,30 +294,49 @@ def records_from_hub(dataset, report, num_proc=None):
         if duration < 0:
             report.add("unreadable audio", utt)
             continue
-        records.append(dict(id=utt, audio=row, text=text, duration=duration))
+        records.append(dict(id=utt, audio=row, text=text, duration=duration,
+                            audio_identity=f"hub:{dataset._fingerprint}:{row}"))
     return records, dataset
 
 
 def add_durations(records, report, num_workers=8):
-    """Fills each record's duration from its file header (threads: header reads are I/O bound)."""
-    todo = [r for r in records if "duration" not in r]
+    """Fills each record's duration from its file header (threads: header reads are I/O bound), and drops the
+    records whose manifest-listed duration disagrees with it: a filter on a wrong duration would let a 40 s
+    clip labelled 2 s past --max_duration."""
+    todo = [r for r in records if "duration" not in r]  # hub rows have theirs, from their headers
 
     def probe(record):
         try:
-            return audio_duration(record["audio"])
-        except Exception as e:
+            return audio_duration(record["audio"]), file_identity(record["audio"])
+        except (DataError, OSError) as e:  # OSError: removed between the two
             return e
 
     with ThreadPoolExecutor(num_workers) as pool:
         results = list(tqdm(pool.map(probe, todo), total=len(todo), desc="reading audio headers", disable=not todo))
     for record, result in zip(todo, results):
         if isinstance(result, Exception):
-            reason = "missing audio file" if not os.path.exists(record["audio"]) else "unreadable audio"
-            report.add(reason, record["audio"])
+            report.add(file_problem(record["audio"]) or "unreadable audio", record["audio"])
+            record["duration"] = None
+        elif abs(record.get("listed_duration", result[0]) - result[0]) > DURATION_TOLERANCE:
+            report.add(f"manifest duration differs from the audio header by more than {DURATION_TOLERANCE:g} s",
+                       f"{record['audio']}: listed {record['listed_duration']:g} s, header {result[0]:.2f} s")
             record["duration"] = None
         else:
-            record["duration"] = result
+            record["duration"], record["audio_identity"] = result
     return [r for r in records if r["duration"] is not None]
+
+
+def drop_duplicate_ids(records, report):
+    """Keeps the first record of each id: ids name clips in logs, skip counts and evaluation predictions, so
+    two clips under one id could not be told apart there."""
+    seen, kept = set(), []
+    for r in records:
+        if r["id"] in seen:
+            report.add("duplicate id", r["id"])
+        else:
+            seen.add(r["id"])
+            kept.append(r)
+    return kept
 
 
 def drop_reason(text, duration, min_duration=0.0, max_duration=float("inf")):
@@ -277,6 +344,8 @@ def drop_reason(text, duration, min_duration=0.0, max_duration=float("inf")):
     min_duration = max(min_duration, MIN_AUDIO_SAMPLES / SAMPLE_RATE)
     if not text:
         return "empty transcript"
+    if not (math.isfinite(duration) and duration >= 0):  # NaN compares false with every bound below
+        return "duration is not a finite number >= 0"
     if duration < min_duration:
         return f"shorter than {min_duration:g} s"
     if duration > max_duration:
@@ -337,8 +406,6 @@ class SpeechDataset(RecordDataset):
         if isinstance(source, int):  # a row of the hub dataset
             audio = self.hub_dataset[source]["audio"]
             source = audio["bytes"] or audio["path"]
-        elif not os.path.exists(source):
-            raise DataError(f"{source}: missing audio file")
         return read_audio(source, self.sampling_rate)
 
     def __getitem__(self, index):
@@ -436,7 +503,8 @@ class SpeechCollator:
 
 def build_dataset(name, records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True,
                   hub_dataset=None, strict_data=False, sampling_rate=SAMPLE_RATE):
-    """Durations, filters, report, dataset: the steps every source goes through after indexing."""
+    """Unique ids, durations, filters, report, dataset: the steps every source goes through after indexing."""
+    records = drop_duplicate_ids(records, report)
     records = add_durations(records, report)
     records = filter_records(records, report, min_duration, max_duration, lowercase)
     report.log(strict_data)
@@ -452,31 +520,40 @@ def build_dataset(name, records, report, min_duration=0.0, max_duration=float("i
 class FeatureCache:
     """Encoder outputs per clip in half precision, in safetensors shards under a folder named by a hash of
     (encoder, sample rate, hidden size, dtypes): a cache made by another encoder or setting is never read.
+    Entries are named by the audio's identity (`entry_name`), never by utterance id: two manifests' `clip0.flac`
+    are two entries, a rewritten file is encoded again, and two ids of one file share one entry.
     Each rank writes its own shards and then its index; a shard missing from an index is recomputed."""
 
     SHARD_BYTES = 512 * 2**20
 
     def __init__(self, root, encoder_name, sampling_rate, hidden_size, encoder_dtype, dtype=torch.float16):
-        import hashlib
-
         # the encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other features
         self.key = dict(encoder=encoder_name, sampling_rate=sampling_rate, hidden_size=hidden_size,
                         encoder_dtype=str(encoder_dtype).replace("torch.", ""),
-                        dtype=str(dtype).replace("torch.", ""))
+                        dtype=str(dtype).replace("torch.", ""),
+                        entries="audio identity")  # caches whose entries were named by utterance id are not read
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
         self.dir = Path(root) / f"{Path(encoder_name).name}-{digest}"
         self.dtype = dtype
-        self.index = {}  # utterance id -> shard file name
+        self.index = {}  # entry name -> shard file name
         self._readers = {}
 
     def load_index(self):
         self.index = {}
         for path in sorted(self.dir.glob("index-rank*.json")):
             shards = json.loads(path.read_text())
-            for shard, ids in shards.items():
+            for shard, names in shards.items():
                 if (self.dir / shard).is_file():
-                    self.index.update({utt: shard for utt in ids})
+                    self.index.update({name: shard for name in names})
         return self
+
+    @staticmethod
+    def entry_name(record):
+        """A record's entry: a hash of its `audio_identity` (a short, fixed-length safetensors tensor name)."""
+        return hashlib.sha1(record["audio_identity"].encode()).hexdigest()[:24]
+
+    def __contains__(self, record):
+        return self.entry_name(record) in self.index
 
     def size_bytes(self):
         return sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
@@ -491,7 +568,8 @@ class FeatureCache:
         self.load_index()
         index_path = self.dir / f"index-rank{rank}.json"
         shards = json.loads(index_path.read_text()) if index_path.exists() else {}
-        todo = [r for r in dataset.records[rank::world] if r["id"] not in self.index]
+        # one record per audio: ids naming the same file share its entry
+        todo = list({self.entry_name(r): r for r in dataset.records[rank::world] if r not in self}.values())
         todo.sort(key=lambda r: r["duration"])  # similar lengths per batch: less padding
         failed, pending, pending_bytes = [], {}, 0
 
@@ -514,32 +592,34 @@ class FeatureCache:
             if not audios:
                 continue
             for record, frames in zip(batch, encode(audios)):
-                pending[record["id"]] = frames.to(self.dtype).cpu().contiguous()
-                pending_bytes += pending[record["id"]].numel() * 2
+                name = self.entry_name(record)
+                pending[name] = frames.to(self.dtype).cpu().contiguous()
+                pending_bytes += pending[name].numel() * 2
             if pending_bytes > self.SHARD_BYTES:
                 flush()
         flush()
         return failed
 
-    def read(self, utt):
+    def read(self, record):
         from safetensors import safe_open
 
-        shard = self.index[utt]
+        name = self.entry_name(record)
+        shard = self.index[name]
         if shard not in self._readers:  # memory-mapped; opened lazily, per DataLoader worker
             self._readers[shard] = safe_open(str(self.dir / shard), framework="pt")
-        return self._readers[shard].get_tensor(utt)
+        return self._readers[shard].get_tensor(name)
 
 
 class CachedFeatureDataset(RecordDataset):
     """Samples {id, frames (T, D) half precision, text, skipped} from a filled FeatureCache."""
 
     def __init__(self, dataset, cache):
-        self.records = [r for r in dataset.records if r["id"] in cache.index]
+        self.records = [r for r in dataset.records if r in cache]
         self.cache = cache
 
     def __getitem__(self, index):
         record = self.records[index]
-        return dict(id=record["id"], frames=self.cache.read(record["id"]), text=record["text"], skipped=[])
+        return dict(id=record["id"], frames=self.cache.read(record), text=record["text"], skipped=[])
 
 
 def collate_frames(samples):

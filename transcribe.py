@@ -5,12 +5,19 @@ Batch inference with a trained adapter, and WER when references are known.
     python transcribe.py --adapter out/slam-asr --librispeech_dir /data/LibriSpeech --split test-clean
     python transcribe.py --adapter out/slam-asr --manifest test.jsonl      # {"audio": ..., "text"?: ...} lines
 
-One JSON line per input, in input order: {"path", "text"} (plus "reference" when known), or {"path", "error"}
-for an input that cannot be transcribed. A bad file never stops the run; the summary says how many failed.
+One JSON line per input: {"path", "text"} (plus "reference" when known), or {"path", "error"} for an input
+that cannot be transcribed. A bad file never stops the run; the summary says how many failed.
+
+Each line is written (and flushed) as its batch finishes, so a crash or a kill keeps what was done, in the order
+it was done: unreadable inputs first, then longest to shortest. A run that finishes rewrites --output in input
+order (atomically). `--resume` skips the inputs whose path already has a line in --output and appends the rest;
+an existing non-empty --output is refused without --resume or --overwrite. The summary and WER count every
+line in --output, resumed ones included.
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +53,11 @@ def parse_args(argv=None):
     p.add_argument("inputs", nargs="*", help="audio files (wav/flac/ogg/mp3, any rate and channel count) or folders")
     p.add_argument("--adapter", required=True, help="adapter directory written by finetune.py or save_adapter")
     p.add_argument("--output", help="JSON-lines output (default: print the lines)")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="skip the inputs whose path already has a line in --output (error lines too: delete "
+                               "those to retry them) and append the rest")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--manifest", help='JSON-lines manifest, {"audio": path, "text": reference (optional)} per line')
     p.add_argument("--librispeech_dir", help="LibriSpeech root; score the split named by --split")
     p.add_argument("--split", default="test-clean", help="LibriSpeech split folder(s), comma-separated")
@@ -62,7 +74,60 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.inputs or args.manifest or args.librispeech_dir):
         p.error("give audio files or folders, --manifest, or --librispeech_dir")
+    for name in ("batch_size", "max_new_tokens", "num_beams"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if not args.max_duration > 0:
+        p.error(f"--max_duration must be a positive number of seconds (got {args.max_duration})")
+    problem = output_problem(args)
+    if problem:
+        p.error(problem)
     return args
+
+
+def output_problem(args):
+    """What is wrong with --output, checked before anything loads (an hour of model loading and decoding is
+    not spent on a run that cannot write its results), or None."""
+    if not args.output:
+        return f"--{'resume' if args.resume else 'overwrite'} needs --output" if args.resume or args.overwrite else None
+    out = Path(args.output).resolve()
+    if out in {Path(p).resolve() for p in [*args.inputs, args.manifest] if p}:
+        return f"--output {args.output} is one of the inputs: it would be overwritten; name another file"
+    if out.is_dir():
+        return f"--output {args.output} is a folder; name a file in it, such as {Path(args.output) / 'preds.jsonl'}"
+    if not out.parent.is_dir():
+        return f"--output {args.output}: the folder {out.parent} does not exist; create it first"
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        return f"--output {args.output}: not writable here; choose another place"
+    if out.exists() and out.stat().st_size > 0 and not (args.resume or args.overwrite):
+        return (f"--output {args.output} exists and is not empty: --resume continues it (skipping the inputs "
+                "it has), --overwrite replaces it")
+    return None
+
+
+def read_output(path):
+    """The lines already in --output, for --resume. A last line without its newline was cut short by a kill: it
+    is removed (its input is transcribed again)."""
+    if not os.path.exists(path):
+        return []
+    text = Path(path).read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        kept = text[: text.rfind("\n") + 1]
+        print(f"{path}: removing its last line, cut short: {text[len(kept):][:80]!r}", file=sys.stderr)
+        with open(path, "r+", encoding="utf-8") as f:
+            f.truncate(len(kept.encode("utf-8")))
+        text = kept
+    rows = []
+    for lineno, line in enumerate(text.split("\n")[:-1], 1):  # not splitlines: a hypothesis may hold U+2028
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            raise SystemExit(f"{path}:{lineno} is not a line transcribe.py writes ({line[:80]!r}); fix or delete "
+                             "it, or use --overwrite to start over")
+        rows.append(row)
+    return rows
 
 
 def load_model(args):
@@ -78,15 +143,19 @@ def load_model(args):
 
 
 def transcribe_records(model, records, batch_size, max_new_tokens, num_beams, max_duration):
-    """Fills each record's "hypothesis" or "error". Longest first, so that batches hold similar lengths."""
+    """Yields lists of finished records, each with its "hypothesis" or "error": first the inputs that cannot be
+    read or are too long, then each batch as it is done. Longest first, so that batches hold similar lengths."""
     for r in records:
         try:
             r["duration"] = data.audio_duration(r["audio"])
-        except Exception as e:
-            r["error"] = f"cannot read audio ({e})"
+        except data.DataError as e:
+            r["error"] = str(e)
         else:
             if r["duration"] > max_duration:
                 r["error"] = f"{r['duration']:.1f} s is longer than --max_duration {max_duration:g} s; split it first"
+    failed = [r for r in records if "error" in r]
+    if failed:
+        yield failed
     todo = sorted((r for r in records if "error" not in r), key=lambda r: r["duration"], reverse=True)
     with tqdm(total=len(todo), desc="transcribing", unit="file") as bar:
         for start in range(0, len(todo), batch_size):
@@ -100,7 +169,42 @@ def transcribe_records(model, records, batch_size, max_new_tokens, num_beams, ma
                 for r, text in zip(batch, texts):
                     r["hypothesis"] = text
             bar.update(len(todo[start:start + batch_size]))
-    return records
+            yield todo[start:start + batch_size]
+
+
+def output_row(record):
+    row = {"path": record["audio"]}
+    row.update({"text": record["hypothesis"]} if "hypothesis" in record else {"error": record["error"]})
+    if "text" in record:
+        row["reference"] = record["text"]
+    return row
+
+
+def write_in_input_order(path, rows, records):
+    """Rewrites --output with its lines in input order (lines for paths that are not inputs of this run, from
+    an earlier --resume'd run, last): a temporary file, then a rename, so a kill leaves one whole file."""
+    order = {}
+    for i, r in enumerate(records):
+        order.setdefault(r["audio"], i)
+    rows = sorted(rows, key=lambda row: order.get(row["path"], len(records)))  # stable: repeats keep their order
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def summarize(rows, output):
+    """The summary line and WER, over every line of the output (resumed ones included); the exit code."""
+    failed = sum("error" in row for row in rows)
+    print(f"transcribed {len(rows) - failed} of {len(rows)} inputs; {failed} failed"
+          + (f" (see the error lines in {output})" if failed and output else ""), file=sys.stderr)
+    scored = [row for row in rows if "reference" in row and "text" in row]
+    if scored:
+        s = data.word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored])
+        print(f"WER {100 * s['wer']:.2f}% on {len(scored)} utterances, {s['words']} words: "
+              f"{s['substitutions']} substitutions, {s['deletions']} deletions, {s['insertions']} insertions",
+              file=sys.stderr)
+    return 0 if failed < len(rows) else 1
 
 
 def main(argv=None):
@@ -110,29 +214,33 @@ def main(argv=None):
     if not records:
         print("nothing to transcribe", file=sys.stderr)
         return 1
-    model = load_model(args)
-    transcribe_records(model, records, args.batch_size, args.max_new_tokens, args.num_beams, args.max_duration)
-
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    for r in records:
-        row = {"path": r["audio"]}
-        row.update({"text": r["hypothesis"]} if "hypothesis" in r else {"error": r["error"]})
-        if "text" in r:
-            row["reference"] = r["text"]
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    if args.output:
-        out.close()
-
-    failed = [r for r in records if "error" in r]
-    print(f"transcribed {len(records) - len(failed)} of {len(records)} inputs; {len(failed)} failed"
-          + (f" (see the error lines in {args.output})" if failed and args.output else ""), file=sys.stderr)
-    scored = [r for r in records if "text" in r and "hypothesis" in r]
-    if scored:
-        s = data.word_error_rate([r["text"] for r in scored], [r["hypothesis"] for r in scored])
-        print(f"WER {100 * s['wer']:.2f}% on {len(scored)} utterances, {s['words']} words: "
-              f"{s['substitutions']} substitutions, {s['deletions']} deletions, {s['insertions']} insertions",
+    rows = read_output(args.output) if args.resume else []
+    done = {row["path"] for row in rows}
+    todo = [r for r in records if r["audio"] not in done]
+    if args.resume:
+        print(f"{args.output}: {len(rows)} lines already there; {len(todo)} of {len(records)} inputs to go",
               file=sys.stderr)
-    return 0 if len(failed) < len(records) else 1
+
+    if todo:
+        model = load_model(args)
+        out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
+        try:
+            for finished in transcribe_records(model, todo, args.batch_size, args.max_new_tokens, args.num_beams,
+                                               args.max_duration):
+                for r in finished:
+                    rows.append(output_row(r))
+                    out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
+                out.flush()
+        except KeyboardInterrupt:
+            print(f"interrupted: {len(rows)} lines are in {args.output or 'the output above'}"
+                  + ("; the same command with --resume goes on from there" if args.output else ""), file=sys.stderr)
+            return 130
+        finally:
+            if args.output:
+                out.close()
+    if args.output:
+        write_in_input_order(args.output, rows, records)
+    return summarize(rows, args.output)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import os
 import sys
+import threading
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
@@ -103,3 +104,29 @@ def trained_model(train_clips):
     model = make_model()
     overfit(model, audios[:4], texts[:4], steps=80)
     return model
+
+
+def returns_within(seconds, call, fifo):
+    """call()'s result, run in a thread. Fails the test if it is still running after `seconds` (blocked opening
+    `fifo`), after opening the FIFO's write end once: the stuck reader then sees end-of-file and ends."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # re-raised in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        thread.join(seconds)
+        pytest.fail(f"still running after {seconds} s: it opened the FIFO {fifo}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

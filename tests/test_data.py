@@ -1,12 +1,13 @@
 import itertools
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import FIXTURE, hub_dataset, hub_rows, tiny_processor
+from conftest import FIXTURE, hub_dataset, hub_rows, returns_within, tiny_processor
 
 import data
 from backbones import tiny_backbones
@@ -46,6 +47,16 @@ def test_hub_schema_built_locally(clip):
     audio, _ = sf.read(rows[2]["file"], dtype="float32")
     np.testing.assert_array_equal(dataset[2]["audio"], audio)
     assert dataset[2]["text"] == rows[2]["text"].lower()
+
+
+def test_hub_rows_are_known_by_dataset_and_row():
+    rows = hub_rows("dev-clean")
+    identities = lambda rows: [r["audio_identity"] for r in data.records_from_hub(  # noqa: E731
+        hub_dataset(rows), data.DataReport("hub"))[0]]
+    first = identities(rows)
+    assert len(set(first)) == len(rows)
+    assert identities(rows) == first  # the same data, indexed again (the next run), finds its cache entries
+    assert identities(rows[::-1])[0] != first[0]  # other audio in row 0: another entry
 
 
 @pytest.mark.parametrize("world", [2, 3])  # 4 shards: split by shard over 2 ranks, by clip over 3
@@ -98,6 +109,38 @@ def test_manifest_and_malformed_lines(tmp_path, clip):
     assert data.build_dataset("m", records, report)[0]["text"] == "hello world"
 
 
+def test_manifest_duration_is_checked_against_the_header(tmp_path, clip):
+    sf.write(tmp_path / "a.wav", clip, 16000)
+    sf.write(tmp_path / "long.wav", np.zeros(40 * 16000, np.int16), 16000)
+    seconds = len(clip) / 16000
+    listed = [("long.wav", 2.0), ("a.wav", float("nan")), ("a.wav", -1.0), ("a.wav", "3"), ("a.wav", seconds + 0.2),
+              ("long.wav", None)]
+    lines = [json.dumps({"audio": a, "text": "x", "id": str(i), **({} if d is None else {"duration": d})})
+             for i, (a, d) in enumerate(listed)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))  # json writes the float NaN as NaN, and reads it back
+    report = data.DataReport("m")
+    dataset = data.build_dataset("m", data.read_manifest(tmp_path / "m.jsonl", report), report, max_duration=30.0)
+    assert [r["id"] for r in dataset.records] == ["4"]
+    assert dataset.durations == [pytest.approx(seconds)]  # the header's, not the listed one
+    assert report.counts == {'manifest "duration" is not a finite number >= 0': 3,
+                             "manifest duration differs from the audio header by more than 0.5 s": 1,
+                             "longer than --max_duration 30 s": 1}
+    assert "listed 2 s, header 40.00 s" in report.examples["manifest duration differs from the audio header by "
+                                                           "more than 0.5 s"][0]
+
+
+def test_duplicate_ids_are_dropped_and_counted(tmp_path, clip):
+    sf.write(tmp_path / "a.wav", clip, 16000)
+    sf.write(tmp_path / "b.wav", clip[:16000], 16000)
+    lines = [{"audio": "a.wav", "text": "first", "id": "u1"}, {"audio": "b.wav", "text": "second", "id": "u1"},
+             {"audio": "b.wav", "text": "third", "id": "u2"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    report = data.DataReport("m")
+    dataset = data.build_dataset("m", data.read_manifest(tmp_path / "m.jsonl", report), report)
+    assert [(r["id"], r["text"]) for r in dataset.records] == [("u1", "first"), ("u2", "third")]
+    assert report.counts == {"duplicate id": 1}
+
+
 # --- audio --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
@@ -118,7 +161,7 @@ def test_resampling_and_stereo(tmp_path, clip, rate, subtype):
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda p: None, "cannot read"),  # missing
+    (lambda p: None, "missing audio file"),
     (lambda p: p.write_bytes(CLIP.read_bytes()[:300]), "cannot read"),  # truncated flac
     (lambda p: p.write_text("this is not audio"), "cannot read"),
     (lambda p: sf.write(p, np.zeros(0, np.float32), 16000, format="WAV"), "too short"),
@@ -136,6 +179,19 @@ def test_bad_audio_is_a_clear_error(tmp_path, make, reason):
     assert "bad.flac" in str(e.value)
 
 
+def test_fifo_is_never_opened(tmp_path, clip):
+    fifo = tmp_path / "pipe.flac"
+    os.mkfifo(fifo)
+    sf.write(tmp_path / "good.wav", clip, 16000)
+    for read in (data.read_audio, data.audio_duration):
+        with pytest.raises(data.DataError, match="pipe.flac: not a regular file"):
+            returns_within(5, lambda: read(str(fifo)), fifo)
+    records = [dict(id="pipe", audio=str(fifo), text="a"), dict(id="good", audio=str(tmp_path / "good.wav"), text="b")]
+    report = data.DataReport("fifo")
+    kept = returns_within(5, lambda: data.add_durations(records, report), fifo)
+    assert [r["id"] for r in kept] == ["good"] and report.counts == {"not a regular file": 1}
+
+
 # --- text and filters ---------------------------------------------------------------------------------------
 
 def test_normalizer_shared_by_targets_and_wer():
@@ -149,11 +205,13 @@ def test_normalizer_shared_by_targets_and_wer():
 
 def test_filters_count_what_they_drop():
     records = [dict(id=str(i), audio="x", text=t, duration=d) for i, (t, d) in enumerate(
-        [("ok", 3.0), ("", 3.0), ("   \t", 3.0), ("short", 0.2), ("long", 40.0), ("café ✓ 日本", 2.0)])]
+        [("ok", 3.0), ("", 3.0), ("   \t", 3.0), ("short", 0.2), ("long", 40.0), ("café ✓ 日本", 2.0),
+         ("nan", float("nan")), ("negative", -1.0), ("inf", float("inf"))])]
     report = data.DataReport("f")
     kept = data.filter_records(records, report, min_duration=0.5, max_duration=30.0)
     assert [r["id"] for r in kept] == ["0", "5"]
-    assert report.counts == {"empty transcript": 2, "shorter than 0.5 s": 1, "longer than --max_duration 30 s": 1}
+    assert report.counts == {"empty transcript": 2, "shorter than 0.5 s": 1, "longer than --max_duration 30 s": 1,
+                             "duration is not a finite number >= 0": 3}
     with pytest.raises(data.DataError, match="strict_data"):
         report.log(strict_data=True)
 

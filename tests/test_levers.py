@@ -1,6 +1,9 @@
 """Each speed lever of bench.py / finetune.py leaves the loss as it was, within float tolerance."""
+import json
+
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from conftest import FIXTURE, make_model
 
@@ -29,7 +32,7 @@ def test_feature_cache_gives_the_same_loss(train_set, tmp_path):
     cache = cache_for(model, tmp_path)
     assert cache.fill(model.encode_audio, train_set, batch_size=3) == []
     cache.load_index()
-    assert set(cache.index) == {r["id"] for r in train_set.records}
+    assert set(cache.index) == {cache.entry_name(r) for r in train_set.records}
     seconds = sum(train_set.durations)
     # fp16 frames of the tiny encoder (64 wide, 50 Hz): 6.4 KB per second plus safetensors headers
     assert 6000 * seconds < cache.size_bytes() < 8000 * seconds
@@ -51,13 +54,40 @@ def test_feature_cache_is_keyed_and_resumable(train_set, tmp_path):
     # a shard whose index entry was never written (killed mid-fill) is not trusted: its clips are redone
     shard = sorted(cache.dir.glob("rank0-*.safetensors"))[-1]
     index = cache.dir / "index-rank0.json"
-    import json
     entries = json.loads(index.read_text())
     lost = entries.pop(shard.name)
     index.write_text(json.dumps(entries))
     assert not set(lost) & set(cache.load_index().index)
     cache.fill(model.encode_audio, train_set, batch_size=4)
-    assert set(cache.load_index().index) == {r["id"] for r in train_set.records}
+    assert set(cache.load_index().index) == {cache.entry_name(r) for r in train_set.records}
+
+
+def test_feature_cache_is_keyed_by_the_audio_not_the_id(tmp_path):
+    # two manifests list clip0.flac (their default id) for other audio; then one file is rewritten in place
+    flacs = sorted((FIXTURE / "train-clean-100").glob("*/*/*.flac"))[:3]
+    model = make_model()
+    cache = cache_for(model, tmp_path / "cache")
+
+    def manifest_run(folder, flac):
+        folder.mkdir(exist_ok=True)
+        (folder / "clip0.flac").write_bytes(flac.read_bytes())
+        (folder / "m.jsonl").write_text(json.dumps({"audio": "clip0.flac", "text": "words"}))
+        report = data.DataReport(folder.name)
+        dataset = data.build_dataset(folder.name, data.read_manifest(folder / "m.jsonl", report), report)
+        cache.fill(model.encode_audio, dataset)
+        cached = data.CachedFeatureDataset(dataset, cache.load_index())
+        assert len(cached) == 1
+        return cached[0]["frames"].float()
+
+    def encoded(flac):
+        with torch.no_grad():
+            return model.encode_audio([sf.read(flac, dtype="float32")[0]])[0].half().float()
+
+    first, second = manifest_run(tmp_path / "a", flacs[0]), manifest_run(tmp_path / "b", flacs[1])
+    torch.testing.assert_close(first, encoded(flacs[0]))
+    torch.testing.assert_close(second, encoded(flacs[1]))  # its own audio, not the first run's entry
+    torch.testing.assert_close(manifest_run(tmp_path / "a", flacs[2]), encoded(flacs[2]))  # rewritten in place
+    assert len(cache.index) == 3
 
 
 def test_two_ranks_fill_disjoint_shares(train_set, tmp_path):

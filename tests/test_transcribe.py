@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE, ROOT, returns_within
 
 import transcribe
 
@@ -61,6 +62,19 @@ def test_folder_with_good_odd_and_bad_files(adapter_dir, audio_dir, tmp_path, ca
     assert "5 of 8 inputs; 3 failed" in err
 
 
+def test_fifo_is_an_error_line_not_a_hang(adapter_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.flac").write_bytes((TRAIN / "1001/2001/1001-2001-0001.flac").read_bytes())
+    os.mkfifo(folder / "pipe.flac")
+    out = tmp_path / "o.jsonl"
+    code, err = returns_within(30, lambda: run(["--adapter", str(adapter_dir), str(folder), "--output", str(out),
+                                                 "--max_new_tokens", "12"], capsys), folder / "pipe.flac")
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in read_lines(out)}
+    assert code == 0 and "not a regular file" in rows["pipe.flac"]["error"] and "text" in rows["good.flac"]
+    assert "1 of 2 inputs; 1 failed" in err
+
+
 def test_batched_equals_one_at_a_time(adapter_dir, tmp_path, capsys):
     outs = []
     for batch_size in ("1", "16"):
@@ -96,6 +110,96 @@ def test_manifest_and_over_long_audio(adapter_dir, tmp_path, capsys):
     assert rows[0]["text"] == "the ship sailed at dawn" and rows[0]["reference"] == "the ship sailed at dawn"
     assert "longer than --max_duration" in rows[1]["error"]
     assert "WER 0.00% on 1 utterances" in err and "1 failed" in err
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("negative batch", ["--batch_size", "-1", "--overwrite"], "--batch_size must be at least 1"),
+    ("no tokens", ["--max_new_tokens", "0", "--overwrite"], "--max_new_tokens must be at least 1"),
+    ("no beams", ["--num_beams", "0", "--overwrite"], "--num_beams must be at least 1"),
+    ("output is the manifest", ["--output", "{manifest}", "--overwrite"], "is one of the inputs"),
+    ("no such folder", ["--output", "{tmp}/nowhere/o.jsonl"], "nowhere does not exist"),
+    ("output is a folder", ["--output", "{tmp}"], "is a folder"),
+    ("existing output", [], "exists and is not empty: --resume continues it"),
+    ("both", ["--resume", "--overwrite"], "not allowed with argument"),
+])
+def test_arguments_are_checked_before_anything_loads(tmp_path, capsys, case, extra, message):
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "o.jsonl"
+    manifest.write_text(json.dumps({"audio": str(TRAIN / "1001/2001/1001-2001-0000.flac")}) + "\n")
+    out.write_text('{"path": "earlier.flac", "text": "kept"}\n')
+    argv = ["--adapter", str(tmp_path / "no_adapter_here"), "--manifest", str(manifest), "--output", str(out)]
+    argv += [a.format(manifest=manifest, tmp=tmp_path) for a in extra]  # a later --output wins
+    with pytest.raises(SystemExit) as e:
+        transcribe.main(argv)  # the adapter does not exist: a check made after loading would fail otherwise
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert out.read_text() == '{"path": "earlier.flac", "text": "kept"}\n'
+    assert json.loads(manifest.read_text())["audio"].endswith("1001-2001-0000.flac")
+
+
+def test_lines_are_written_as_made_and_resume_finishes_the_rest(adapter_dir, tmp_path, capsys, monkeypatch):
+    from model import SlamASR
+    real = SlamASR.transcribe
+    seen = []
+
+    def crash_on_third_batch(model, audios, **kw):
+        if len(seen) == 2:
+            raise RuntimeError("the machine went away")
+        seen.append(len(audios))
+        return real(model, audios, **kw)
+
+    out = tmp_path / "o.jsonl"
+    argv = ["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "train-clean-100",
+            "--batch_size", "2", "--max_new_tokens", "12", "--output", str(out)]
+    monkeypatch.setattr(SlamASR, "transcribe", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="went away"):
+        transcribe.main(argv)
+    assert len(read_lines(out)) == 4  # the two finished batches survive the crash
+    with out.open("a") as f:
+        f.write('{"path": "/cut/short')  # a kill in the middle of a line
+    with pytest.raises(SystemExit):
+        transcribe.main(argv)  # neither --resume nor --overwrite: refused, the file kept
+    assert "exists and is not empty" in capsys.readouterr().err
+
+    seen.clear()
+    monkeypatch.setattr(SlamASR, "transcribe", lambda model, audios, **kw: seen.append(len(audios)) or real(
+        model, audios, **kw))
+    code, err = run(argv + ["--resume"], capsys)
+    assert code == 0 and sum(seen) == 4  # only the four missing inputs were transcribed
+    rows = read_lines(out)
+    records, _ = transcribe.collect_inputs(transcribe.parse_args(argv + ["--resume"]))
+    assert [r["path"] for r in rows] == [r["audio"] for r in records]  # rewritten in input order at the end
+    assert all("text" in r and "reference" in r for r in rows)
+    assert "removing its last line, cut short" in err
+    assert "transcribed 8 of 8 inputs; 0 failed" in err and "on 8 utterances" in err  # resumed lines counted
+
+
+def test_resume_reads_back_any_hypothesis_and_drops_a_torn_line(tmp_path):
+    out = tmp_path / "o.jsonl"
+    rows = [{"path": "a.flac", "text": "line\u2028separator"}, {"path": "b.flac", "error": "x"}]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + '{"path": "c.fl')
+    assert transcribe.read_output(str(out)) == rows
+    assert out.read_text().endswith('"x"}\n')  # the torn line is gone; appending starts on a fresh line
+    out.write_text("not json\n")
+    with pytest.raises(SystemExit, match="o.jsonl:1 is not a line transcribe.py writes"):
+        transcribe.read_output(str(out))
+
+
+def test_ctrl_c_keeps_the_lines_and_says_how_to_resume(adapter_dir, tmp_path, capsys, monkeypatch):
+    from model import SlamASR
+    real = SlamASR.transcribe
+    calls = []
+
+    def interrupted_in_second_batch(model, audios, **kw):
+        calls.append(len(audios))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, audios, **kw)
+
+    monkeypatch.setattr(SlamASR, "transcribe", interrupted_in_second_batch)
+    out = tmp_path / "o.jsonl"
+    code, err = run(["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "test-clean",
+                     "--batch_size", "2", "--max_new_tokens", "12", "--output", str(out)], capsys)
+    assert code == 130 and len(read_lines(out)) == 2
+    assert f"interrupted: 2 lines are in {out}; the same command with --resume" in err
 
 
 def test_demo_tiny_runs_offline(tmp_path):
