@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.utils import ModelOutput
 
 from backbones import load_backbones
@@ -180,6 +180,37 @@ class SlamASRConfig:
         return cls.from_dict(values, source=str(path), complete=complete)
 
 
+MAX_NEW_TOKENS_PER_SECOND = 15.0  # read speech is 2-4 words, 3-6 Llama tokens a second: room to spare
+STOP_REPEATS = 4  # a run of 1-8 tokens repeated this often in a row (12 tokens at least) is a loop
+
+
+class BoundedDecoding(LogitsProcessor):
+    """Ends a hypothesis with EOS once it is as long as its clip can hold (`tokens_per_second` of audio plus 10
+    tokens, EOS included) or once it loops (the same run of 1-8 tokens `stop_repeats` times in a row): small chat LLMs
+    under a young adapter ramble, repeat themselves or answer something else, and max_new_tokens alone lets
+    each such clip cost a whole budget. `seconds` (B*beams,) is each row's audio duration; None switches off."""
+
+    def __init__(self, seconds, tokens_per_second, stop_repeats, eos_token_id):
+        self.max_tokens = None if not tokens_per_second else (seconds * tokens_per_second).ceil().long() + 10
+        self.stop_repeats = stop_repeats
+        self.eos = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
+
+    def __call__(self, input_ids, scores):
+        # input_ids (B*beams, new tokens so far): with inputs_embeds, generate passes the continuation only
+        rows, n = input_ids.shape
+        stop = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        if self.max_tokens is not None:
+            stop |= n + 1 >= self.max_tokens.to(input_ids.device)  # the EOS is the last of them
+        for period in range(1, 9) if self.stop_repeats else ():
+            span = period * max(self.stop_repeats, -(-12 // period))
+            if n >= span:
+                tail = input_ids[:, -span:].reshape(rows, -1, period)  # (rows, repeats, period)
+                stop |= (tail == tail[:, :1]).all(dim=2).all(dim=1)
+        scores[stop] = torch.finfo(scores.dtype).min
+        scores[stop, self.eos] = 0.0
+        return scores
+
+
 @dataclass
 class SlamASROutput(ModelOutput):
     loss: torch.Tensor | None = None
@@ -244,9 +275,12 @@ class SlamASR(nn.Module):
         self.register_buffer("prefix_ids", torch.tensor(ids["prefix"], dtype=torch.long), persistent=False)
         self.register_buffer("suffix_ids", torch.tensor(ids["suffix"], dtype=torch.long), persistent=False)
         self.pad_id = self.processor.pad_id
-        # decoding options, the library's object: saved beside the adapter as generation_config.json
+        # decoding options, the library's object: saved beside the adapter as generation_config.json. Two are
+        # ours (see BoundedDecoding): a cap on new tokens per second of audio, and a stop on looping output.
         self.generation_config = GenerationConfig(max_new_tokens=200, num_beams=1, do_sample=False,
-                                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=self.pad_id)
+                                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=self.pad_id,
+                                                  max_new_tokens_per_second=MAX_NEW_TOKENS_PER_SECOND,
+                                                  stop_repeats=STOP_REPEATS)
         self.train(False)
 
     @classmethod
@@ -281,6 +315,11 @@ class SlamASR(nn.Module):
     @property
     def sampling_rate(self):
         return self.feature_extractor.sampling_rate
+
+    @property
+    def frame_rate(self):
+        """Encoder frames per second of audio (50 for HuBERT)."""
+        return self.sampling_rate / math.prod(self.encoder.config.conv_stride)
 
     # --- waveform -> speech embeddings ------------------------------------------------------------------
 
@@ -401,17 +440,28 @@ class SlamASR(nn.Module):
                  generation_config=None, **generation_options):
         """One padded batch (the processor's audio, or cached encoder frames) -> list of transcripts. Decodes
         with `generation_config` (this model's unless given) updated by `generation_options`, as HF generate
-        does; stops at EOS, uses the KV cache, prompts left-padded."""
+        does; stops at EOS, uses the KV cache, prompts left-padded. A clip of digital silence gives ""."""
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         generation_config.update(**generation_options)
+        # ours, not the library's: taken off the config before it reaches the LLM's generate
+        tokens_per_second = generation_config.__dict__.pop("max_new_tokens_per_second", None)
+        stop_repeats = generation_config.__dict__.pop("stop_repeats", None)
         if encoder_frames is None:
             encoder_frames, frame_lengths = self.encode(input_values, audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
         inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, left_pad=True)
+        seconds = frame_lengths.float() / self.frame_rate  # (B,)
+        bound = BoundedDecoding(seconds.repeat_interleave(generation_config.num_beams), tokens_per_second,
+                                stop_repeats, generation_config.eos_token_id)
         out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                generation_config=generation_config, use_cache=True)
+                                generation_config=generation_config, logits_processor=LogitsProcessorList([bound]))
         # (B, new tokens): with inputs_embeds only, generate returns just the continuation
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        if input_values is not None:  # silence gives zeros, normalized or not: nothing to transcribe
+            inside = torch.arange(input_values.shape[1], device=input_values.device)[None] < audio_lengths[:, None]
+            silent = ((input_values.abs() > 1e-6) & inside).sum(dim=1) == 0
+            texts = ["" if quiet else t for t, quiet in zip(texts, silent.tolist())]
+        return texts
 
     # --- adapter save / load ------------------------------------------------------------------------------
 

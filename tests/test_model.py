@@ -1,13 +1,14 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_model, overfit, tiny_processor
 
 from backbones import tiny_backbones
-from model import (ADAPTERS, CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, GENERATION_CONFIG_NAME, WEIGHTS_NAME, SlamASR,
-                   SlamASRConfig)
+from model import (ADAPTERS, CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, GENERATION_CONFIG_NAME, WEIGHTS_NAME,
+                   BoundedDecoding, SlamASR, SlamASRConfig)
 from processor import PROMPT_IDS_NAME
 
 
@@ -191,6 +192,35 @@ def test_batched_greedy_equals_one_at_a_time(trained_model, train_clips):
 def test_beam_search_runs(trained_model, train_clips):
     audios, texts = train_clips
     assert trained_model.transcribe(audios[:2], num_beams=3, max_new_tokens=12) == texts[:2]
+
+
+def test_decoding_is_bounded_by_the_clips_duration(train_clips):
+    audios, _ = train_clips
+    fresh = make_model(seed=1)  # an untrained adapter: the LLM rambles on
+    lengths, generate = [], fresh.llm.generate
+    fresh.llm.generate = lambda **kw: (lambda out: (lengths.append(out.shape[1]), out)[1])(generate(**kw))
+    short = min(audios, key=len)
+    fresh.transcribe([short], max_new_tokens=200)
+    fresh.transcribe([short], max_new_tokens=200, max_new_tokens_per_second=None, stop_repeats=0)
+    assert lengths[0] <= int(np.ceil(len(short) / 16000 * 15)) + 10 < lengths[1]
+
+
+def test_looping_hypotheses_are_ended():
+    eos = 2
+    loop = torch.tensor([[5, 6, 7] + [8, 9] * 6])  # a run of 2 tokens, 6 times in a row
+    varied = torch.tensor([list(range(10, 25))])
+    for ids, ends in ((loop, True), (varied, False)):
+        scores = BoundedDecoding(torch.tensor([10.0]), 15.0, 4, eos)(ids, torch.zeros(1, 30))
+        assert (scores[0].argmax().item() == eos and scores[0, 3].item() < -1e30) == ends
+    long_enough = BoundedDecoding(torch.tensor([0.5]), 15.0, 4, eos)  # 0.5 s: ceil(7.5) + 10 = 18 tokens with EOS
+    assert long_enough(torch.arange(16)[None], torch.zeros(1, 30))[0].argmax().item() != eos
+    assert long_enough(torch.arange(17)[None], torch.zeros(1, 30))[0].argmax().item() == eos
+
+
+def test_silence_gives_an_empty_transcript(trained_model, train_clips):
+    audios, texts = train_clips
+    silence = np.zeros(16000, np.float32)
+    assert trained_model.transcribe([silence, audios[0]], max_new_tokens=12) == ["", texts[0]]
 
 
 # --- learning -----------------------------------------------------------------------------------------------
