@@ -139,6 +139,16 @@ def load_clips(load, records):
     return loaded, audios, failed
 
 
+def clip_batches(records, load, batch_size, desc, disable=False):
+    """The one way inference reads its clips (the feature cache fill, the eval WER, transcribe.py): `records`,
+    in the caller's order, in batches of `batch_size`, each as `load_clips` gives it, under a progress bar."""
+    with tqdm(total=len(records), desc=desc, unit="clip", disable=disable or not records) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            yield load_clips(load, chunk)
+            bar.update(len(chunk))
+
+
 def file_identity(path):
     """What the feature cache knows a file's audio by: resolved path + size + mtime_ns. A stat is free at
     indexing, where a content hash would read all the audio (tens of GB) at every start; a rewritten file gets
@@ -584,10 +594,8 @@ class FeatureCache:
                 os.replace(index_path.with_suffix(".tmp"), index_path)  # the index names only finished shards
             pending, pending_bytes = {}, 0
 
-        step = batch_size if batched else 1
-        for start in tqdm(range(0, len(todo), step), desc=f"caching encoder features (rank {rank})",
-                          disable=rank != 0 or not todo):
-            batch, audios, bad = load_clips(dataset.load, todo[start:start + step])
+        for batch, audios, bad in clip_batches(todo, dataset.load, batch_size if batched else 1,
+                                               f"caching encoder features (rank {rank})", disable=rank != 0):
             failed += [(record["id"], reason) for record, reason in bad]
             if not audios:
                 continue

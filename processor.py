@@ -165,6 +165,20 @@ class SlamASRProcessor:
             return_tensors="pt")
         return features["input_values"].float(), features["attention_mask"].sum(dim=1)
 
+    # --- the batch -------------------------------------------------------------------------------------------
+
+    def __call__(self, audios=None, texts=None, max_target_tokens=None):
+        """Clips and/or transcripts -> a BatchFeature of input_values (B, N), audio_lengths (B,) and labels (B, T),
+        what SlamASR.forward and .generate take; `num_truncated` says how many transcripts were cut."""
+        from transformers import BatchFeature
+
+        batch = {}
+        if audios is not None:
+            batch["input_values"], batch["audio_lengths"] = self.audio(audios)
+        if texts is not None:
+            batch["labels"], batch["num_truncated"] = self.labels(texts, max_target_tokens)
+        return BatchFeature(batch)
+
     # --- save / load -----------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory):

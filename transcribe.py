@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import data
-from model import CONFIG_NAME, SlamASR, SlamASRConfig, load_backbones
+from backbones import load_backbones
+from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3"}
 
@@ -51,7 +51,8 @@ def collect_inputs(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="audio files (wav/flac/ogg/mp3, any rate and channel count) or folders")
-    p.add_argument("--adapter", required=True, help="adapter directory written by finetune.py or save_adapter")
+    p.add_argument("--adapter", required=True,
+                   help="adapter folder written by finetune.py or save_adapter, or a hub repo id holding one")
     p.add_argument("--output", help="JSON-lines output (default: print the lines)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -64,8 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--encoder", help="load the encoder from here instead of the name in the adapter's config")
     p.add_argument("--llm", help="load the LLM from here instead of the name in the adapter's config")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--num_beams", type=int, default=1, help="1 = greedy")
+    p.add_argument("--max_new_tokens", type=int, help="most new tokens per clip (default: the adapter's "
+                   "generation_config.json, 200)")
+    p.add_argument("--num_beams", type=int, help="1 = greedy (default: the adapter's generation_config.json, 1)")
+    p.add_argument("--max_new_tokens_per_second", type=float,
+                   help="new tokens allowed per second of audio, plus 10 (default: the adapter's, 15); 0 = no bound")
     p.add_argument("--max_duration", type=float, default=60.0,
                    help="inputs longer than this (seconds) are reported as errors, never silently cut")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,7 +79,7 @@ def parse_args(argv=None):
     if not (args.inputs or args.manifest or args.librispeech_dir):
         p.error("give audio files or folders, --manifest, or --librispeech_dir")
     for name in ("batch_size", "max_new_tokens", "num_beams"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if not args.max_duration > 0:
         p.error(f"--max_duration must be a positive number of seconds (got {args.max_duration})")
@@ -131,18 +135,34 @@ def read_output(path):
 
 
 def load_model(args):
+    """The adapter's model, with --encoder/--llm as the backbones where given and the decoding flags given."""
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else None)
+    adapter = resolve_adapter_dir(args.adapter)
     backbones = {}
     if args.encoder or args.llm:
-        config = SlamASRConfig.from_json_file(Path(args.adapter) / CONFIG_NAME)
+        config = SlamASRConfig.from_json_file(Path(adapter) / CONFIG_NAME)
         config.encoder, config.llm = args.encoder or config.encoder, args.llm or config.llm
         encoder, llm, tokenizer, feature_extractor = load_backbones(config, dtype)
         backbones = dict(encoder=encoder, llm=llm, tokenizer=tokenizer, feature_extractor=feature_extractor)
-    model = SlamASR.load_adapter(args.adapter, torch_dtype=dtype, **backbones)
+    model = SlamASR.load_adapter(adapter, torch_dtype=dtype, **backbones)
+    given = {name: getattr(args, name) for name in ("max_new_tokens", "num_beams", "max_new_tokens_per_second")
+             if getattr(args, name) is not None}
+    model.generation_config.update(**given)
     return model.to(args.device).eval()
 
 
-def transcribe_records(model, records, batch_size, max_new_tokens, num_beams, max_duration):
+def decoding(args, model=None):
+    """How the WER was decoded, for the line that reports it: the model's options, or where every line was there
+    already (--resume), the adapter's generation_config.json with the flags given."""
+    if model is not None:
+        beams = model.generation_config.num_beams
+    else:
+        saved = Path(resolve_adapter_dir(args.adapter)) / GENERATION_CONFIG_NAME
+        beams = args.num_beams or (json.loads(saved.read_text()).get("num_beams", 1) if saved.is_file() else 1)
+    return "greedy" if beams == 1 else f"beam search, {beams} beams"
+
+
+def transcribe_records(model, records, batch_size, max_duration):
     """Yields lists of finished records, each with its "hypothesis" or "error": first the inputs that cannot be
     read or are too long, then each batch as it is done. Longest first, so that batches hold similar lengths."""
     for r in records:
@@ -157,19 +177,15 @@ def transcribe_records(model, records, batch_size, max_new_tokens, num_beams, ma
     if failed:
         yield failed
     todo = sorted((r for r in records if "error" not in r), key=lambda r: r["duration"], reverse=True)
-    with tqdm(total=len(todo), desc="transcribing", unit="file") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch, audios, bad = data.load_clips(lambda r: data.read_audio(r["audio"], model.sampling_rate),
-                                                 todo[start:start + batch_size])
-            for r, reason in bad:
-                r["error"] = reason
-            if audios:
-                texts = model.transcribe(audios, batch_size=len(audios), max_new_tokens=max_new_tokens,
-                                         num_beams=num_beams)
-                for r, text in zip(batch, texts):
-                    r["hypothesis"] = text
-            bar.update(len(todo[start:start + batch_size]))
-            yield todo[start:start + batch_size]
+    load = lambda r: data.read_audio(r["audio"], model.sampling_rate)  # noqa: E731
+    for batch, audios, bad in data.clip_batches(todo, load, batch_size, "transcribing"):
+        for r, reason in bad:
+            r["error"] = reason
+        if audios:
+            texts = model.generate(**model.processor(audios=audios).to(model.device))
+            for r, text in zip(batch, texts):
+                r["hypothesis"] = text
+        yield batch + [r for r, _ in bad]
 
 
 def output_row(record):
@@ -193,7 +209,7 @@ def write_in_input_order(path, rows, records):
     os.replace(tmp, path)
 
 
-def summarize(rows, output):
+def summarize(rows, output, decoded):
     """The summary line and WER, over every line of the output (resumed ones included); the exit code."""
     failed = sum("error" in row for row in rows)
     print(f"transcribed {len(rows) - failed} of {len(rows)} inputs; {failed} failed"
@@ -201,7 +217,8 @@ def summarize(rows, output):
     scored = [row for row in rows if "reference" in row and "text" in row]
     if scored:
         s = data.word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored])
-        print(f"WER {100 * s['wer']:.2f}% on {len(scored)} utterances, {s['words']} words: "
+        print(f"WER {100 * s['wer']:.2f}% ({decoded}) on {len(scored)} utterances, "
+              f"{s['words']} words: "
               f"{s['substitutions']} substitutions, {s['deletions']} deletions, {s['insertions']} insertions",
               file=sys.stderr)
     return 0 if failed < len(rows) else 1
@@ -225,8 +242,7 @@ def main(argv=None):
         model = load_model(args)
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
         try:
-            for finished in transcribe_records(model, todo, args.batch_size, args.max_new_tokens, args.num_beams,
-                                               args.max_duration):
+            for finished in transcribe_records(model, todo, args.batch_size, args.max_duration):
                 for r in finished:
                     rows.append(output_row(r))
                     out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
@@ -240,7 +256,7 @@ def main(argv=None):
                 out.close()
     if args.output:
         write_in_input_order(args.output, rows, records)
-    return summarize(rows, args.output)
+    return summarize(rows, args.output, decoding(args, model if todo else None))
 
 
 if __name__ == "__main__":

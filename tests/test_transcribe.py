@@ -92,7 +92,7 @@ def test_librispeech_split_is_scored(adapter_dir, tmp_path, capsys):
     assert code == 0 and len(rows) == 8 and all("reference" in r and "text" in r for r in rows)
     assert rows[0]["reference"] == "THE SHIP SAILED AT DAWN" and rows[0]["text"] == "the ship sailed at dawn"
     wrong = sum(r["text"] != r["reference"].lower() for r in rows)
-    assert "WER " in err and "on 8 utterances" in err
+    assert "WER " in err and "(greedy) on 8 utterances" in err  # the line names the decoding
     if wrong == 0:
         assert "WER 0.00%" in err
 
@@ -109,7 +109,7 @@ def test_manifest_and_over_long_audio(adapter_dir, tmp_path, capsys):
     rows = read_lines(out)
     assert rows[0]["text"] == "the ship sailed at dawn" and rows[0]["reference"] == "the ship sailed at dawn"
     assert "longer than --max_duration" in rows[1]["error"]
-    assert "WER 0.00% on 1 utterances" in err and "1 failed" in err
+    assert "WER 0.00% (greedy) on 1 utterances" in err and "1 failed" in err
 
 
 @pytest.mark.parametrize("case, extra, message", [
@@ -137,19 +137,19 @@ def test_arguments_are_checked_before_anything_loads(tmp_path, capsys, case, ext
 
 def test_lines_are_written_as_made_and_resume_finishes_the_rest(adapter_dir, tmp_path, capsys, monkeypatch):
     from model import SlamASR
-    real = SlamASR.transcribe
+    real = SlamASR.generate
     seen = []
 
-    def crash_on_third_batch(model, audios, **kw):
+    def crash_on_third_batch(model, **batch):
         if len(seen) == 2:
             raise RuntimeError("the machine went away")
-        seen.append(len(audios))
-        return real(model, audios, **kw)
+        seen.append(len(batch["input_values"]))
+        return real(model, **batch)
 
     out = tmp_path / "o.jsonl"
     argv = ["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "train-clean-100",
             "--batch_size", "2", "--max_new_tokens", "12", "--output", str(out)]
-    monkeypatch.setattr(SlamASR, "transcribe", crash_on_third_batch)
+    monkeypatch.setattr(SlamASR, "generate", crash_on_third_batch)
     with pytest.raises(RuntimeError, match="went away"):
         transcribe.main(argv)
     assert len(read_lines(out)) == 4  # the two finished batches survive the crash
@@ -160,8 +160,8 @@ def test_lines_are_written_as_made_and_resume_finishes_the_rest(adapter_dir, tmp
     assert "exists and is not empty" in capsys.readouterr().err
 
     seen.clear()
-    monkeypatch.setattr(SlamASR, "transcribe", lambda model, audios, **kw: seen.append(len(audios)) or real(
-        model, audios, **kw))
+    monkeypatch.setattr(SlamASR, "generate", lambda model, **batch: seen.append(len(batch["input_values"])) or real(
+        model, **batch))
     code, err = run(argv + ["--resume"], capsys)
     assert code == 0 and sum(seen) == 4  # only the four missing inputs were transcribed
     rows = read_lines(out)
@@ -185,16 +185,16 @@ def test_resume_reads_back_any_hypothesis_and_drops_a_torn_line(tmp_path):
 
 def test_ctrl_c_keeps_the_lines_and_says_how_to_resume(adapter_dir, tmp_path, capsys, monkeypatch):
     from model import SlamASR
-    real = SlamASR.transcribe
+    real = SlamASR.generate
     calls = []
 
-    def interrupted_in_second_batch(model, audios, **kw):
-        calls.append(len(audios))
+    def interrupted_in_second_batch(model, **batch):
+        calls.append(len(batch["input_values"]))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, audios, **kw)
+        return real(model, **batch)
 
-    monkeypatch.setattr(SlamASR, "transcribe", interrupted_in_second_batch)
+    monkeypatch.setattr(SlamASR, "generate", interrupted_in_second_batch)
     out = tmp_path / "o.jsonl"
     code, err = run(["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "test-clean",
                      "--batch_size", "2", "--max_new_tokens", "12", "--output", str(out)], capsys)
