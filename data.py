@@ -43,7 +43,7 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Text: one normalizer for training targets and WER scoring
+# Text: the training targets' normalization, and the WER normalizers every reported figure names
 
 
 def normalize_transcript(text, lowercase=True):
@@ -60,12 +60,28 @@ def normalize_for_wer(text):
     return " ".join(re.sub(r"[^\w\s']", " ", text).split())
 
 
-def word_error_rate(references, hypotheses):
-    """Corpus WER after `normalize_for_wer`: {wer, substitutions, deletions, insertions, words}."""
+def whisper_english_normalizer():
+    """The Whisper English normalizer (spellings, numbers, contractions), from the whisper-normalizer package:
+    what published LibriSpeech WERs use (Ultravox, SLAM-LLM), so that ours compare with theirs."""
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()
+
+
+# name -> a function that makes the normalizer; "whisper" is the default of every WER this project reports
+WER_NORMALIZERS = {"whisper": whisper_english_normalizer, "simple": lambda: normalize_for_wer}
+
+
+def word_error_rate(references, hypotheses, normalizer="whisper"):
+    """Corpus WER after the named normalizer (WER_NORMALIZERS): {wer, substitutions, deletions, insertions,
+    words, normalizer}."""
     import jiwer
 
-    refs = [normalize_for_wer(r) for r in references]
-    hyps = [normalize_for_wer(h) for h in hypotheses]
+    if normalizer not in WER_NORMALIZERS:
+        raise ValueError(f"unknown WER normalizer {normalizer!r}: choose from {list(WER_NORMALIZERS)}")
+    normalize = WER_NORMALIZERS[normalizer]()
+    refs = [" ".join(normalize(r).split()) for r in references]
+    hyps = [" ".join(normalize(h).split()) for h in hypotheses]
     # jiwer refuses empty references; every word hypothesized for one is an insertion
     insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
     pairs = [(r, h) for r, h in zip(refs, hyps) if r]
@@ -78,7 +94,15 @@ def word_error_rate(references, hypotheses):
         counts["words"] = out.hits + out.substitutions + out.deletions
     errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
     counts["wer"] = errors / max(counts["words"], 1)
+    counts["normalizer"] = normalizer
     return counts
+
+
+def wer_line(scores, decoding=None):
+    """The one way a WER is reported: the figure, the counts, and what made it (decoding, normalizer)."""
+    how = ", ".join(filter(None, [decoding, f"{scores['normalizer']} normalizer"]))
+    return (f"WER {100 * scores['wer']:.2f}% ({how}): {scores['words']} words, {scores['substitutions']} "
+            f"substitutions, {scores['deletions']} deletions, {scores['insertions']} insertions")
 
 
 # ----------------------------------------------------------------------------------------------------------

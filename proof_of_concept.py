@@ -32,9 +32,7 @@ def show(references, hypotheses, label):
     for ref, hyp in zip(references, hypotheses):
         print(f"  REF: {ref}\n  HYP: {hyp}\n")
     if any(references):
-        s = data.word_error_rate(references, hypotheses)
-        print(f"WER {100 * s['wer']:.1f}% ({s['substitutions']} sub, {s['deletions']} del, {s['insertions']} ins, "
-              f"{s['words']} words) -- {label}")
+        print(f"{data.wer_line(data.word_error_rate(references, hypotheses), 'greedy')} -- {label}")
 
 
 def tiny_demo(steps):

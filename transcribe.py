@@ -4,6 +4,7 @@ Batch inference with a trained adapter, and WER when references are known.
     python transcribe.py --adapter out/slam-asr FILES_OR_FOLDERS... --output preds.jsonl
     python transcribe.py --adapter out/slam-asr --librispeech_dir /data/LibriSpeech --split test-clean
     python transcribe.py --adapter out/slam-asr --manifest test.jsonl      # {"audio": ..., "text"?: ...} lines
+    python transcribe.py --rescore out/slam-asr/predictions_step2000.jsonl --normalizer simple   # no decoding
 
 One JSON line per input: {"path", "text"} (plus "reference" when known), or {"path", "error"} for an input
 that cannot be transcribed. A bad file never stops the run; the summary says how many failed.
@@ -51,8 +52,13 @@ def collect_inputs(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="audio files (wav/flac/ogg/mp3, any rate and channel count) or folders")
-    p.add_argument("--adapter", required=True,
+    p.add_argument("--adapter",
                    help="adapter folder written by finetune.py or save_adapter, or a hub repo id holding one")
+    p.add_argument("--rescore", metavar="JSONL", help="score the reference/hypothesis (or text) lines of an earlier "
+                   "output or a finetune.py predictions file again, without decoding")
+    p.add_argument("--normalizer", default="whisper", choices=list(data.WER_NORMALIZERS),
+                   help="text normalization before WER: 'whisper' (Whisper's English normalizer, what published "
+                        "LibriSpeech figures use) or 'simple' (lower case, no punctuation)")
     p.add_argument("--output", help="JSON-lines output (default: print the lines)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -76,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="backbone dtype (default: float16 on CUDA, float32 otherwise)")
     args = p.parse_args(argv)
+    if args.rescore:
+        return args
+    if not args.adapter:
+        p.error("--adapter is required (or --rescore, to score an earlier output again)")
     if not (args.inputs or args.manifest or args.librispeech_dir):
         p.error("give audio files or folders, --manifest, or --librispeech_dir")
     for name in ("batch_size", "max_new_tokens", "num_beams"):
@@ -209,23 +219,37 @@ def write_in_input_order(path, rows, records):
     os.replace(tmp, path)
 
 
-def summarize(rows, output, decoded):
+def summarize(rows, output, decoded, normalizer):
     """The summary line and WER, over every line of the output (resumed ones included); the exit code."""
     failed = sum("error" in row for row in rows)
     print(f"transcribed {len(rows) - failed} of {len(rows)} inputs; {failed} failed"
           + (f" (see the error lines in {output})" if failed and output else ""), file=sys.stderr)
     scored = [row for row in rows if "reference" in row and "text" in row]
     if scored:
-        s = data.word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored])
-        print(f"WER {100 * s['wer']:.2f}% ({decoded}) on {len(scored)} utterances, "
-              f"{s['words']} words: "
-              f"{s['substitutions']} substitutions, {s['deletions']} deletions, {s['insertions']} insertions",
-              file=sys.stderr)
+        s = data.word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored], normalizer)
+        print(f"{data.wer_line(s, decoded)}; {len(scored)} utterances", file=sys.stderr)
     return 0 if failed < len(rows) else 1
+
+
+def rescore(path, normalizer):
+    """WER of an earlier output's or a predictions file's lines, with no model: the figure again, under
+    another normalizer, say."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    scored = [row for row in rows if isinstance(row, dict) and isinstance(row.get("reference"), str)
+              and isinstance(row.get("hypothesis", row.get("text")), str)]
+    if not scored:
+        print(f"{path}: no line with a reference and a hypothesis (or text) to score", file=sys.stderr)
+        return 1
+    s = data.word_error_rate([r["reference"] for r in scored], [r.get("hypothesis", r.get("text")) for r in scored],
+                             normalizer)
+    print(f"{data.wer_line(s)}; {len(scored)} utterances of {len(rows)} lines in {path}")
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore, args.normalizer)
     records, report = collect_inputs(args)
     report.log()
     if not records:
@@ -256,7 +280,7 @@ def main(argv=None):
                 out.close()
     if args.output:
         write_in_input_order(args.output, rows, records)
-    return summarize(rows, args.output, decoding(args, model if todo else None))
+    return summarize(rows, args.output, decoding(args, model if todo else None), args.normalizer)
 
 
 if __name__ == "__main__":

@@ -198,9 +198,16 @@ def test_normalizer_shared_by_targets_and_wer():
     assert data.normalize_transcript("  HELLO,\tWorld\u0007 ") == "hello, world"
     assert data.normalize_transcript("MIXED Case", lowercase=False) == "MIXED Case"
     assert data.normalize_for_wer("Don't  STOP, now!") == "don't stop now"
-    scores = data.word_error_rate(["the cat sat", "a b", "   "], ["the cat sat down", "a", "x y"])
-    assert (scores["substitutions"], scores["deletions"], scores["insertions"], scores["words"]) == (0, 1, 3, 5)
-    assert scores["wer"] == pytest.approx(4 / 5)
+    for normalizer in data.WER_NORMALIZERS:
+        scores = data.word_error_rate(["the cat sat", "a b", "   "], ["the cat sat down", "a", "x y"], normalizer)
+        assert (scores["substitutions"], scores["deletions"], scores["insertions"], scores["words"]) == (0, 1, 3, 5)
+        assert scores["wer"] == pytest.approx(4 / 5) and scores["normalizer"] == normalizer
+    # Whisper's English normalizer: what published figures use (spellings, numbers, contractions)
+    whisper = data.word_error_rate(["Mister Smith isn't twenty five"], ["mr smith is not 25"])
+    assert whisper["wer"] == 0 and whisper["normalizer"] == "whisper"
+    assert data.word_error_rate(["Mister Smith isn't twenty five"], ["mr smith is not 25"], "simple")["wer"] > 0.5
+    with pytest.raises(ValueError, match="unknown WER normalizer"):
+        data.word_error_rate(["a"], ["a"], "whisperr")
 
 
 def test_filters_count_what_they_drop():

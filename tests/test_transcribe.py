@@ -92,7 +92,7 @@ def test_librispeech_split_is_scored(adapter_dir, tmp_path, capsys):
     assert code == 0 and len(rows) == 8 and all("reference" in r and "text" in r for r in rows)
     assert rows[0]["reference"] == "THE SHIP SAILED AT DAWN" and rows[0]["text"] == "the ship sailed at dawn"
     wrong = sum(r["text"] != r["reference"].lower() for r in rows)
-    assert "WER " in err and "(greedy) on 8 utterances" in err  # the line names the decoding
+    assert "WER " in err and "(greedy, whisper normalizer)" in err and "8 utterances" in err  # what made it
     if wrong == 0:
         assert "WER 0.00%" in err
 
@@ -109,7 +109,7 @@ def test_manifest_and_over_long_audio(adapter_dir, tmp_path, capsys):
     rows = read_lines(out)
     assert rows[0]["text"] == "the ship sailed at dawn" and rows[0]["reference"] == "the ship sailed at dawn"
     assert "longer than --max_duration" in rows[1]["error"]
-    assert "WER 0.00% (greedy) on 1 utterances" in err and "1 failed" in err
+    assert "WER 0.00% (greedy, whisper normalizer)" in err and "1 utterances" in err and "1 failed" in err
 
 
 @pytest.mark.parametrize("case, extra, message", [
@@ -210,3 +210,14 @@ def test_demo_tiny_runs_offline(tmp_path):
     losses = [float(line.split("loss")[1]) for line in out.stdout.splitlines() if line.strip().startswith("step")]
     assert losses[-1] < 0.5 * losses[0]
     assert out.stdout.count("WER ") == 2 and "not an accuracy figure" in out.stdout
+
+
+def test_rescore_an_earlier_output_under_either_normalizer(tmp_path, capsys):
+    predictions = tmp_path / "predictions_step8.jsonl"  # as finetune.py writes them
+    predictions.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "reference": "MISTER SMITH PAID TWENTY FIVE DOLLARS", "hypothesis": "mr smith paid $25"},
+        {"id": "b", "reference": "THE COLOUR GREY", "hypothesis": "the color gray"}]) + "\n")
+    for normalizer, wer in (("whisper", "0.00%"), ("simple", "66.67%")):
+        assert transcribe.main(["--rescore", str(predictions), "--normalizer", normalizer]) == 0
+        out = capsys.readouterr().out
+        assert f"WER {wer} ({normalizer} normalizer)" in out and "2 utterances" in out, out
