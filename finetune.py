@@ -10,12 +10,16 @@ Trainer. Runs under `python`, `accelerate launch` (one GPU, multi-GPU, multi-nod
 Every argument can also come from a JSON or YAML file: `python finetune.py args.json`.
 """
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,6 +37,7 @@ from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig
 
 logger = logging.getLogger("finetune")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is a torn write
+LOCK_NAME = ".finetune.lock"  # in output_dir, held by the run writing there
 
 
 @dataclass
@@ -331,6 +336,32 @@ def checkpoint_is_complete(path):
     return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
 
 
+@contextlib.contextmanager
+def hold_output_dir(output_dir, holder=True):
+    """An exclusive lock on output_dir for the run's life: a second run into it fails at once instead of mixing
+    its checkpoints with ours. Held by the process that writes checkpoints (`holder`; rank 0, or each node's
+    first process with --save_on_each_node). fcntl.flock rather than the filelock package: the kernel drops it
+    when the process dies, SIGKILL included, where filelock's fallback soft lock would stay behind stale."""
+    if not holder:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, LOCK_NAME), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(f"{output_dir} is in use by another run ({f.read().strip() or 'holder unknown'}): "
+                               "wait for it to end, or choose another --output_dir") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): warn, do not refuse to train
+            logger.warning(f"cannot lock {output_dir} ({e}): nothing stops a second run from writing into it")
+        else:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+        yield
+
+
 def find_checkpoints(output_dir):
     """(complete, torn) checkpoint folders of output_dir, oldest first."""
     if not os.path.isdir(output_dir):
@@ -485,9 +516,13 @@ def fill_feature_cache(model, train_dataset, data_args, training_args):
 
 
 def main(argv=None):
-    # 1. Arguments
+    # 1. Arguments; the run then holds output_dir until it ends
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    with hold_output_dir(training_args.output_dir, holder=training_args.should_save):
+        return train(model_args, data_args, training_args)
 
+
+def train(model_args, data_args, training_args):
     # 2. Logging, on the main process only at full volume
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
