@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -174,6 +175,10 @@ class SlamASRTrainer(Trainer):
         self.data_counts = {"samples": 0, "skipped": 0, "truncated": 0, "nonfinite_steps": 0}
         self.filtered = Counter()  # per reason, clips a stream dropped while training (indexed data: up front)
         self.consecutive_nonfinite = 0
+        # Trainer rotates checkpoints before our completion marker is written, and by a glob that takes the
+        # user's checkpoint-best along (transformers 5.23, in _save_checkpoint and at the end of train()):
+        # it gets no limit, and rotate_checkpoints applies ours.
+        self.save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
 
     # --- data bookkeeping and non-finite steps -------------------------------------------------------------
 
@@ -263,13 +268,34 @@ class SlamASRTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial):
+        # transformers 5.23: Trainer._save_checkpoint writes checkpoint-N (adapter, optimizer, scheduler, RNG,
+        # trainer state), then rotates by args.save_total_limit, which __init__ set to None: rotation is ours.
+        run_dir = self._get_output_dir(trial)
+        path = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(path):
+            # left by an earlier run that went further (this one resumed from before it): its marker would vouch
+            # for a mix of its files and ours if we were killed halfway through writing
+            logger.warning(f"replacing {path}, written by an earlier run that went past this step")
+            shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()  # gone before any rank writes into it
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk before the marker
         if self.args.should_save:
-            path = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            with open(os.path.join(path, COMPLETE_MARKER + ".tmp"), "w") as f:
-                json.dump({"global_step": self.state.global_step}, f)
-            os.replace(os.path.join(path, COMPLETE_MARKER + ".tmp"), os.path.join(path, COMPLETE_MARKER))
+            mark_complete(path, self.state.global_step)
+            self.rotate_checkpoints(run_dir, keep=path)
+
+    def rotate_checkpoints(self, run_dir, keep):
+        """Trainer's rotation, but only once the new checkpoint is complete (a kill in between must not leave
+        nothing to resume from) and only over our complete checkpoint-<N> folders; the newest, `keep` and the
+        best model's are never deleted."""
+        if not self.save_total_limit:
+            return
+        complete, _ = find_checkpoints(run_dir)
+        protected = {os.path.abspath(p) for p in (keep, self.state.best_model_checkpoint) if p}
+        deletable = [p for p in complete if os.path.abspath(p) not in protected]
+        for path in deletable[:max(len(complete) - max(self.save_total_limit, len(protected)), 0)]:
+            logger.info(f"deleting {path} (--save_total_limit {self.save_total_limit})")
+            shutil.rmtree(path)
 
     def _load_adapter_weights(self, directory):
         model = self.accelerator.unwrap_model(self.model)
@@ -336,6 +362,12 @@ def checkpoint_is_complete(path):
     return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
 
 
+def mark_complete(path, global_step):
+    with open(os.path.join(path, COMPLETE_MARKER + ".tmp"), "w") as f:
+        json.dump({"global_step": global_step}, f)
+    os.replace(os.path.join(path, COMPLETE_MARKER + ".tmp"), os.path.join(path, COMPLETE_MARKER))
+
+
 @contextlib.contextmanager
 def hold_output_dir(output_dir, holder=True):
     """An exclusive lock on output_dir for the run's life: a second run into it fails at once instead of mixing
@@ -366,9 +398,11 @@ def find_checkpoints(output_dir):
     """(complete, torn) checkpoint folders of output_dir, oldest first."""
     if not os.path.isdir(output_dir):
         return [], []
-    names = [n for n in os.listdir(output_dir) if n.startswith(PREFIX_CHECKPOINT_DIR + "-")
-             and n.split("-")[-1].isdigit()]
-    paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
+    # checkpoint-<digits> folders only: a user's checkpoint-best or checkpoint-4.bak is none of ours
+    steps = {n: int(m.group(1)) for n in os.listdir(output_dir)
+             if (m := re.fullmatch(PREFIX_CHECKPOINT_DIR + r"-(\d+)", n))
+             and os.path.isdir(os.path.join(output_dir, n))}
+    paths = [os.path.join(output_dir, n) for n in sorted(steps, key=steps.get)]
     return [p for p in paths if checkpoint_is_complete(p)], [p for p in paths if not checkpoint_is_complete(p)]
 
 
