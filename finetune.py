@@ -21,20 +21,23 @@ import signal
 import socket
 import sys
 import time
+import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from glob import glob
 
 import torch
 import transformers
 from accelerate.utils import gather_object
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback
-from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import data
-from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig
+from model import CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, WEIGHTS_NAME, SlamASR, SlamASRConfig
 
 logger = logging.getLogger("finetune")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is a torn write
@@ -406,8 +409,59 @@ def find_checkpoints(output_dir):
     return [p for p in paths if checkpoint_is_complete(p)], [p for p in paths if not checkpoint_is_complete(p)]
 
 
-def resolve_resume(training_args):
-    """--resume_from_checkpoint PATH or `last`; refuses torn checkpoints and silently mixed runs."""
+def checkpoint_problem(path):
+    """Why a complete checkpoint cannot be resumed from (a file missing, truncated or unparsable), or None.
+    Trainer resumes with a fresh optimizer and the LR at its peak when optimizer.pt or scheduler.pt is missing,
+    so they are required. Reads no pickle: a torch.save file is a zip archive whose checksums give away a
+    truncated or damaged file."""
+    if os.path.isfile(os.path.join(path, "latest")):  # DeepSpeed: its engine files hold the optimizer state
+        with open(os.path.join(path, "latest")) as f:
+            tag = f.read().strip()
+        required = [os.path.join(tag, "mp_rank_00_model_states.pt")]
+        if not glob(os.path.join(path, tag, "*optim_states.pt")):
+            return f"{tag}/ holds no DeepSpeed optimizer states (*optim_states.pt)"
+    else:
+        required = [OPTIMIZER_NAME, SCHEDULER_NAME]
+    for name in (WEIGHTS_NAME, CONFIG_NAME, TRAINER_STATE_NAME, *required):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        with safe_open(os.path.join(path, WEIGHTS_NAME), "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        return f"{WEIGHTS_NAME} is unreadable ({e})"
+    try:
+        SlamASRConfig.from_json_file(os.path.join(path, CONFIG_NAME))
+    except ValueError as e:  # the message names the file
+        return str(e)
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+    except ValueError as e:
+        return f"{TRAINER_STATE_NAME} is not valid JSON ({e})"
+    for file in sorted(glob(os.path.join(path, "**", "*.pt*"), recursive=True)):
+        name = os.path.relpath(file, path)
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{name} is truncated or not a torch.save file ({e})"
+        if damaged:
+            return f"{name} is damaged ({damaged} fails its checksum)"
+    return None
+
+
+def config_differences(saved, current):
+    """'field: checkpoint X, this run Y' for each SlamASRConfig field that differs. A field this run has left
+    None is filled in when the backbones load, so there is nothing to compare yet."""
+    return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, this run {getattr(current, f.name)!r}"
+            for f in fields(SlamASRConfig)
+            if getattr(current, f.name) is not None and getattr(saved, f.name) != getattr(current, f.name)]
+
+
+def resolve_resume(training_args, config):
+    """--resume_from_checkpoint PATH or `last` (the newest intact checkpoint); refuses torn or broken
+    checkpoints, silently mixed runs, and a checkpoint of another model config than `config`."""
     complete, torn = find_checkpoints(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is None:
@@ -418,10 +472,28 @@ def resolve_resume(training_args):
     if resume in ("last", "true", "True"):
         if not complete:
             raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {training_args.output_dir}")
-        resume = complete[-1]
+        skipped = []
+        for path in reversed(complete):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                break
+            logger.warning(f"--resume_from_checkpoint {resume}: skipping {path}: {problem}")
+            skipped.append(f"{os.path.basename(path)}: {problem}")
+        else:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no intact checkpoint in {training_args.output_dir} "
+                             f"({'; '.join(skipped)})")
+        resume = path
     elif not checkpoint_is_complete(resume):
         raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_MARKER}: the run was killed while "
                          "saving it, or it is not a checkpoint folder); resume from an earlier one")
+    elif problem := checkpoint_problem(resume):
+        raise ValueError(f"cannot resume from {resume}: {problem}; resume from an earlier checkpoint (`last` "
+                         "takes the newest intact one)")
+    differences = config_differences(SlamASRConfig.from_json_file(os.path.join(resume, CONFIG_NAME)), config)
+    if differences:
+        raise ValueError(f"{resume} was trained with another model config than this run's: "
+                         + "; ".join(differences) + ". Pass the checkpoint's values (the same command as its run), "
+                         "or start a new --output_dir")
     if torn and training_args.should_save:
         for path in torn:  # half-written by a killed run; left in place they would be rotated in as if good
             logger.warning(f"removing incomplete checkpoint {path}")
@@ -569,12 +641,12 @@ def train(model_args, data_args, training_args):
         lg.setLevel(level)
     transformers.set_seed(training_args.seed)
 
-    # 3. Resume, or refuse to mix runs
-    resume = resolve_resume(training_args)
-
-    # 4. Model: frozen backbones in half precision when training in it; the adapter stays float32
+    # 3. Resume (from a checkpoint of this very config), or refuse to mix runs
     config = SlamASRConfig(model_args.encoder, model_args.llm, model_args.adapter, model_args.downsample,
                            model_args.adapter_hidden, model_args.prompt_template)
+    resume = resolve_resume(training_args, config)
+
+    # 4. Model: frozen backbones in half precision when training in it; the adapter stays float32
     dtype = torch.float16 if training_args.fp16 else torch.bfloat16 if training_args.bf16 else None
     with training_args.main_process_first(desc="loading backbones"):  # one download, the others read the cache
         model = SlamASR.from_config(config, torch_dtype=dtype, trust_remote_code=model_args.trust_remote_code)

@@ -1,10 +1,12 @@
 """Fault cases of issue #11: concurrent runs, kills while saving, broken checkpoints, arguments that would waste a
 run, stopping during evaluation. Each test fails without the guard it covers."""
 import os
+import shutil
 import sys
 import time
 
 import pytest
+import torch
 from test_finetune import run_script, tiny_args
 
 import finetune
@@ -73,3 +75,79 @@ def test_rotation_leaves_folders_that_are_not_our_checkpoints(tmp_path):
     assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "1", steps=8)) == 0
     assert all((path / "notes.txt").read_text() == "mine" for path in yours)
     assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-8")], [])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An output_dir with complete checkpoint-4 and checkpoint-8; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5", steps=8)) == 0
+    return out
+
+
+def copy_of(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def resume_args(out, resume, *extra):
+    return finetune.parse_args(tiny_args(out, *NO_EVAL, "--resume_from_checkpoint", str(resume), *extra, steps=12))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+    (lambda c: truncate(c / "scheduler.pt"), "scheduler.pt is truncated"),
+    (lambda c: truncate(c / "rng_state.pth"), "rng_state.pth is truncated"),
+    (lambda c: truncate(c / "adapter.safetensors"), "adapter.safetensors is unreadable"),
+    (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is not valid JSON"),
+    (lambda c: (c / "slam_asr_config.json").write_text("{"), "slam_asr_config.json is not valid JSON"),
+])
+def test_resume_refuses_a_broken_checkpoint_by_file_and_last_falls_back(trained, tmp_path, caplog, damage, problem):
+    out = copy_of(trained, tmp_path)
+    damage(out / "checkpoint-8")
+    model_args, _, training_args = resume_args(out, out / "checkpoint-8")
+    config = finetune.SlamASRConfig(model_args.encoder, model_args.llm, adapter_hidden=model_args.adapter_hidden)
+    with pytest.raises(ValueError, match=f"cannot resume from {out / 'checkpoint-8'}: .*{problem}"):
+        finetune.resolve_resume(training_args, config)
+    _, _, training_args = resume_args(out, "last")
+    with caplog.at_level("WARNING"):
+        assert finetune.resolve_resume(training_args, config) == str(out / "checkpoint-4")
+    assert any(f"skipping {out / 'checkpoint-8'}: " in r.getMessage() and problem in r.getMessage()
+               for r in caplog.records)
+
+
+def test_resume_refuses_another_model_config_before_loading_anything(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
+
+    def no_backbones(*args, **kwargs):
+        raise AssertionError("backbones loaded before the config was compared")
+
+    monkeypatch.setattr(finetune.SlamASR, "from_config", no_backbones)
+    args = tiny_args(out, *NO_EVAL, "--resume_from_checkpoint", "last", "--prompt_template", "Say: <speech>",
+                     "--adapter_hidden", "128", steps=12)
+    with pytest.raises(ValueError) as refused:
+        finetune.main(args)
+    message = str(refused.value)
+    assert "checkpoint-8 was trained with another model config" in message
+    assert "adapter_hidden: checkpoint 256, this run 128" in message
+    assert "prompt_template: checkpoint '<|system|>" in message and "this run 'Say: <speech>'" in message
+    assert "encoder" not in message.split("config than this run's:")[1]  # only what differs
+
+
+def test_a_plain_resume_unpickles_nothing(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
+    loads, load = [], torch.load
+
+    def recorded(*args, **kwargs):
+        loads.append((str(args[0]), kwargs.get("weights_only")))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recorded)
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--resume_from_checkpoint", "last", steps=10)) == 0
+    assert {os.path.basename(f) for f, _ in loads} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    assert all(weights_only is True for _, weights_only in loads), loads
