@@ -7,7 +7,8 @@ Trainer. Runs under `python`, `accelerate launch` (one GPU, multi-GPU, multi-nod
     python finetune.py --encoder tiny --llm tiny --librispeech_dir tests/fixtures/LibriSpeech \
         --output_dir out --use_cpu --max_steps 20                   (offline pipeline check, seconds on CPU)
 
-Every argument can also come from a JSON or YAML file: `python finetune.py args.json`.
+Every argument can also come from a JSON or YAML file, with the same defaults: `python finetune.py args.json`
+(arguments after the file override it).
 """
 
 import contextlib
@@ -76,8 +77,10 @@ class DataArguments:
     train_split: str = field(default="train-clean-100", metadata={
         "help": "Training split: comma-separated folder names with --librispeech_dir (train-clean-100,"
                 "train-clean-360); a split name with --dataset_name (train.clean.100+train.clean.360)."})
-    eval_split: str | None = field(default="dev-clean", metadata={
-        "help": "Evaluation split, named like --train_split; empty for none."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Evaluation split, named like --train_split (dev-clean by default with --librispeech_dir; needed "
+                "with --dataset_name, e.g. validation.clean); empty for none. With --train_manifest: "
+                "--eval_manifest."})
     train_manifest: str | None = field(default=None, metadata={
         "help": 'JSON-lines training manifest: {"audio": path, "text": ...} per line (paths relative to it).'})
     eval_manifest: str | None = field(default=None, metadata={"help": "JSON-lines evaluation manifest."})
@@ -538,7 +541,8 @@ def load_train_stream(data_args, training_args, sampling_rate):
 
 
 def parse_args(argv):
-    """Our dataclasses and Seq2SeqTrainingArguments, from the command line or one JSON/YAML file."""
+    """Our dataclasses and Seq2SeqTrainingArguments, from the command line or a JSON/YAML file (then the command
+    line's overrides), with the same defaults either way; refuses what would waste a run, by name."""
     parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
     # defaults this model needs (each still overridable where it makes sense)
     parser.set_defaults(output_dir="output", report_to="tensorboard", learning_rate=1e-4, warmup_steps=1000,
@@ -546,11 +550,27 @@ def parse_args(argv):
                         save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
                         do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
                         prediction_loss_only=True, dataloader_num_workers=4)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        file_parse = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = file_parse(os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        # The file's values become the parser's defaults and the rest of argv parses on top, so a file gets the
+        # defaults above and takes overrides after it, exactly as the command line does. (HfArgumentParser's
+        # parse_json_file/parse_yaml_file fill the dataclasses from the file alone, without set_defaults; its
+        # args_filename/args_file_flag read command-line words, not JSON or YAML.)
+        with open(argv[0], encoding="utf-8") as f:
+            if argv[0].endswith(".json"):
+                values = json.load(f)
+            else:
+                import yaml
+
+                values = yaml.safe_load(f)
+        known = {f.name for dataclass_type in parser.dataclass_types for f in fields(dataclass_type) if f.init}
+        if not isinstance(values, dict):
+            raise ValueError(f"{argv[0]} must hold a mapping of argument names to values")
+        if set(values) - known:
+            raise ValueError(f"{argv[0]}: unknown arguments {sorted(set(values) - known)} (python finetune.py --help "
+                             "lists them)")
+        parser.set_defaults(**values)
+        argv = argv[1:]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     for name in ("generation_max_length", "generation_config"):
         if getattr(training_args, name) is not None:
             raise ValueError(f"--{name} is not used by finetune.py: set --max_new_tokens and --generation_num_beams")
@@ -571,6 +591,44 @@ def parse_args(argv):
         if training_args.max_steps <= 0:
             raise ValueError("--streaming has no epoch length to count: set --max_steps (e.g. 960 h of LibriSpeech "
                              "at 16 clips x 8 GPUs per step is about 2,200 steps per epoch)")
+    sources = [f"--{name}" for name in ("librispeech_dir", "dataset_name", "train_manifest")
+               if getattr(data_args, name)]
+    if len(sources) != 1:
+        raise ValueError(f"{' and '.join(sources)}: train on one data source" if sources else
+                         "no data: pass --librispeech_dir, --dataset_name or --train_manifest")
+    if data_args.eval_split and data_args.eval_manifest:
+        raise ValueError("--eval_split and --eval_manifest: evaluate on one of them")
+    if data_args.train_manifest and data_args.eval_split:
+        raise ValueError(f"--eval_split {data_args.eval_split} names a split of --librispeech_dir or --dataset_name: "
+                         "with --train_manifest, evaluate on --eval_manifest (or on nothing)")
+    if data_args.eval_split is None and not data_args.eval_manifest:
+        if data_args.librispeech_dir:
+            data_args.eval_split = "dev-clean"
+        elif data_args.dataset_name:
+            raise ValueError("--dataset_name needs --eval_split (openslr/librispeech_asr: validation with "
+                             "--dataset_config clean or other, validation.clean with all), or --eval_split '' for "
+                             "no evaluation")
+    # numbers that would waste a run (an untrained adapter, a crash at the first evaluation), refused by name
+    t, d, m = training_args, data_args, model_args
+    ranges = [
+        ("max_steps", t.max_steps, t.max_steps != 0, "a step count, or -1 to train --num_train_epochs"),
+        ("num_train_epochs", t.num_train_epochs, t.max_steps > 0 or t.num_train_epochs > 0, "> 0, or set --max_steps"),
+        ("per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, ">= 1"),
+        ("per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, ">= 1"),
+        ("max_new_tokens", d.max_new_tokens, d.max_new_tokens >= 1, ">= 1"),
+        ("max_target_tokens", d.max_target_tokens, d.max_target_tokens >= 2, ">= 2: a text token and EOS"),
+        ("max_nonfinite_steps", d.max_nonfinite_steps, d.max_nonfinite_steps >= 1, ">= 1"),
+        ("min_duration", d.min_duration, d.min_duration >= 0, ">= 0"),
+        ("max_duration", d.max_duration, d.max_duration > d.min_duration, f"> --min_duration {d.min_duration:g}"),
+        ("max_eval_samples", d.max_eval_samples, d.max_eval_samples is None or d.max_eval_samples >= 1,
+         ">= 1, or unset for the whole split"),
+        ("shuffle_buffer_size", d.shuffle_buffer_size, d.shuffle_buffer_size >= 0, ">= 0"),
+        ("downsample", m.downsample, m.downsample >= 1, ">= 1"),
+        ("adapter_hidden", m.adapter_hidden, m.adapter_hidden >= 1, ">= 1"),
+    ]
+    wrong = [f"--{name} {value:g} (must be {rule})" for name, value, ok, rule in ranges if not ok]
+    if wrong:
+        raise ValueError("out of range: " + "; ".join(wrong))
     if data_args.max_batch_seconds is not None:
         if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
             raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "

@@ -1,5 +1,6 @@
 """Fault cases of issue #11: concurrent runs, kills while saving, broken checkpoints, arguments that would waste a
 run, stopping during evaluation. Each test fails without the guard it covers."""
+import json
 import os
 import shutil
 import sys
@@ -151,3 +152,76 @@ def test_a_plain_resume_unpickles_nothing(trained, tmp_path, monkeypatch):
     assert finetune.main(tiny_args(out, *NO_EVAL, "--resume_from_checkpoint", "last", steps=10)) == 0
     assert {os.path.basename(f) for f, _ in loads} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
     assert all(weights_only is True for _, weights_only in loads), loads
+
+
+def test_an_args_file_gets_the_same_defaults_as_the_command_line(tmp_path):
+    import yaml
+    values = {"encoder": "tiny", "llm": "tiny", "librispeech_dir": "data", "output_dir": "out", "max_steps": 5,
+              "group_by_length": True, "eval_steps": 10, "prompt_template": "Say: <speech>", "weight_decay": 0.01,
+              "lr_scheduler_type": "cosine"}
+    cli = ["--encoder", "tiny", "--llm", "tiny", "--librispeech_dir", "data", "--output_dir", "out", "--max_steps",
+           "5", "--group_by_length", "--eval_steps", "10", "--prompt_template", "Say: <speech>", "--weight_decay",
+           "0.01", "--lr_scheduler_type", "cosine"]
+    (tmp_path / "args.json").write_text(json.dumps(values))
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(values))
+    expected = finetune.parse_args(cli)
+    for file in ("args.json", "args.yaml"):
+        assert finetune.parse_args([str(tmp_path / file)]) == expected, file
+    model_args, data_args, training_args = expected
+    assert training_args.learning_rate == 1e-4 and training_args.save_total_limit == 3  # the recipe's, not HF's
+    assert data_args.eval_split == "dev-clean" and training_args.do_eval and not training_args.remove_unused_columns
+    # arguments after the file override it
+    assert finetune.parse_args([str(tmp_path / "args.yaml"), "--max_steps", "7"])[2].max_steps == 7
+    (tmp_path / "typo.json").write_text(json.dumps({**values, "learning_rat": 1e-3}))
+    with pytest.raises(ValueError, match=r"typo.json: unknown arguments \['learning_rat'\]"):
+        finetune.parse_args([str(tmp_path / "typo.json")])
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--dataset_name", "d", "--librispeech_dir", "l", "--train_manifest", "m"],
+     "--librispeech_dir and --dataset_name and --train_manifest: train on one data source"),
+    (["--librispeech_dir", "l", "--train_manifest", "m"], "--librispeech_dir and --train_manifest: train on one"),
+    ([], "no data: pass --librispeech_dir, --dataset_name or --train_manifest"),
+    (["--train_manifest", "m", "--eval_split", "dev-clean"], "with --train_manifest, evaluate on --eval_manifest"),
+    (["--librispeech_dir", "l", "--eval_split", "dev-clean", "--eval_manifest", "e"], "evaluate on one of them"),
+    (["--dataset_name", "d"], "--dataset_name needs --eval_split"),
+])
+def test_one_data_source_and_an_evaluation_that_fits_it(args, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        finetune.parse_args(["--output_dir", "x", *args])
+
+
+@pytest.mark.parametrize("args, evaluates_on", [
+    (["--train_manifest", "m"], None),  # used to fail at loading: "no data", for the default --eval_split
+    (["--train_manifest", "m", "--eval_manifest", "e"], "e"),
+    (["--librispeech_dir", "l"], "dev-clean"),
+    (["--librispeech_dir", "l", "--eval_split", "dev-other"], "dev-other"),
+    (["--librispeech_dir", "l", "--eval_manifest", "e"], "e"),
+    (["--dataset_name", "d", "--eval_split", "validation"], "validation"),
+])
+def test_the_evaluation_each_source_gets(args, evaluates_on):
+    _, data_args, training_args = finetune.parse_args(["--output_dir", "x", *args])
+    assert (data_args.eval_split or data_args.eval_manifest) == evaluates_on
+    assert training_args.do_eval == (evaluates_on is not None)
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--max_steps", "0"], "--max_steps 0"),
+    (["--num_train_epochs", "0"], "--num_train_epochs 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0"),
+    (["--max_target_tokens", "1"], "--max_target_tokens 1"),
+    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps 0"),
+    (["--min_duration", "5", "--max_duration", "2"], "--max_duration 2 .must be > --min_duration 5"),
+    (["--min_duration", "-1"], "--min_duration -1"),
+    (["--max_eval_samples", "0"], "--max_eval_samples 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
+    (["--adapter_hidden", "0"], "--adapter_hidden 0"),
+])
+def test_numbers_that_would_waste_a_run_are_refused_by_name(args, refusal):
+    with pytest.raises(ValueError, match=f"out of range: .*{refusal}"):
+        finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", *args])
+
+
+def test_epochs_may_be_zero_when_steps_are_set():
+    assert finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--num_train_epochs", "0",
+                                "--max_steps", "5"])[2].max_steps == 5
