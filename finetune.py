@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -112,7 +113,8 @@ class DataArguments:
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save a checkpoint, stop."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C): save a checkpoint and stop, at the end of the step or at the next
+    batch of an evaluation (a WER pass takes minutes, past a typical 30 s preemption grace period)."""
 
     def __init__(self):
         self.received = None
@@ -121,16 +123,30 @@ class StopOnSignal(TrainerCallback):
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def requested(self, args):
+        """Whether any rank received a signal. Every rank must ask at the same point: it is an all-reduce, so that
+        all stop together, or the save's collectives hang."""
         flag = torch.tensor(float(self.received is not None), device=args.device)
-        if args.world_size > 1:  # every rank must stop at the same step, or the save's collectives hang
+        if args.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item():
             self.received = self.received or "signal on another rank"
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested(args):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        # Trainer's eval-loss loop checks no flag: an exception leaves it (SlamASRTrainer.evaluate saves)
+        if self.requested(args):
+            raise StopDuringEvaluation(self.received)
+
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -173,7 +189,8 @@ class SlamASRTrainer(Trainer):
     def __init__(self, *args, wer_dataset=None, max_new_tokens=200, num_beams=1, max_nonfinite_steps=25,
                  max_batch_seconds=None, **kwargs):
         self.max_batch_seconds = max_batch_seconds  # read while Trainer builds its loaders
-        super().__init__(*args, **kwargs)
+        self.stop = StopOnSignal()
+        super().__init__(*args, callbacks=[*(kwargs.pop("callbacks", None) or []), self.stop], **kwargs)
         self.wer_dataset = wer_dataset
         self.max_new_tokens = max_new_tokens
         self.num_beams = num_beams
@@ -317,11 +334,18 @@ class SlamASRTrainer(Trainer):
     # --- evaluation: loss from Trainer, WER from real generation ---------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.wer_dataset is not None:
-            wer = {f"{metric_key_prefix}_{k}": v for k, v in self.generate_and_score().items()}
-            self.log(wer)
-            metrics.update(wer)
+        try:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            if self.wer_dataset is not None:
+                wer = {f"{metric_key_prefix}_{k}": v for k, v in self.generate_and_score().items()}
+                self.log(wer)
+                metrics.update(wer)
+        except StopDuringEvaluation:
+            # Trainer (5.23) would save only after this evaluation and the next step: save now, on every rank (they
+            # agreed to stop at this batch), then leave train()
+            if self.is_in_train:
+                self._save_checkpoint(self.model, trial=None)
+            raise
         return metrics
 
     def generate_and_score(self):
@@ -333,8 +357,12 @@ class SlamASRTrainer(Trainer):
         rows, failed = [], []
         records = self.wer_dataset.records[rank::world]
         batch_size = self.args.per_device_eval_batch_size
-        for start in tqdm(range(0, len(records), batch_size), desc="eval WER",
-                               disable=not self.is_world_process_zero()):
+        # as many batches on every rank (a shorter share ends on an empty one), so that all can agree on a stop
+        batches = math.ceil(math.ceil(len(self.wer_dataset.records) / world) / batch_size)
+        for start in tqdm(range(0, batches * batch_size, batch_size), desc="eval WER",
+                          disable=not self.is_world_process_zero()):
+            if self.stop.requested(self.args):
+                raise StopDuringEvaluation(self.stop.received)
             batch, audios, bad = data.load_clips(self.wer_dataset.load, records[start:start + batch_size])
             failed += [(record["id"], reason) for record, reason in bad]
             if audios:
@@ -359,6 +387,10 @@ class SlamASRTrainer(Trainer):
 
 class NonFiniteTraining(RuntimeError):
     pass
+
+
+class StopDuringEvaluation(Exception):
+    """A stop signal came during an evaluation; the step's checkpoint is saved as it leaves train()."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -734,11 +766,10 @@ def train(model_args, data_args, training_args):
     logger.info(f"train: {train_summary}"
                 + (f"; eval: {len(eval_dataset):,} clips, {hours(eval_dataset):.2f} h" if eval_dataset else ""))
 
-    # 6. Train
-    stop = StopOnSignal()
+    # 6. Train (the trainer stops on SIGTERM/SIGINT: trainer.stop)
     trainer = SlamASRTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=collator, callbacks=[stop],
+        data_collator=collator,
         wer_dataset=eval_dataset if training_args.predict_with_generate else None,
         max_new_tokens=data_args.max_new_tokens, num_beams=training_args.generation_num_beams or 1,
         max_nonfinite_steps=data_args.max_nonfinite_steps, max_batch_seconds=data_args.max_batch_seconds,
@@ -750,6 +781,10 @@ def train(model_args, data_args, training_args):
     except NonFiniteTraining as e:
         logger.error(str(e))
         return 1
+    except StopDuringEvaluation:
+        pass  # the step's checkpoint is saved; trainer.stop.received says why, below
+    finally:
+        trainer.stop.restore()  # the signal handlers, also where train() left before on_train_end
     counts, filtered = trainer.data_counts, trainer.filtered
     if training_args.world_size > 1:  # each rank counted what its own loader skipped
         counts = {k: sum(c[k] for c in gather_object([counts])) for k in counts}
@@ -758,10 +793,10 @@ def train(model_args, data_args, training_args):
                 f"truncated to {data_args.max_target_tokens} tokens, {counts['nonfinite_steps']} non-finite steps")
     if filtered:
         logger.info("data: the stream's filters dropped " + ", ".join(f"{n} {r}" for r, n in filtered.most_common()))
-    if stop.received:
-        logger.warning(f"stopped by {stop.received} at step {trainer.state.global_step}; checkpoint saved. Resume "
-                       f"with the same command plus --resume_from_checkpoint last")
-        return 128 + (signal.SIGINT if stop.received == "SIGINT" else signal.SIGTERM)
+    if trainer.stop.received:
+        logger.warning(f"stopped by {trainer.stop.received} at step {trainer.state.global_step}; checkpoint saved. "
+                       f"Resume with the same command plus --resume_from_checkpoint last")
+        return 128 + (signal.SIGINT if trainer.stop.received == "SIGINT" else signal.SIGTERM)
 
     # Trainer counts steps x nominal batch size; duration batches vary in size, so report what was trained on
     result.metrics["train_samples_per_second"] = round(counts["samples"] / result.metrics["train_runtime"], 3)

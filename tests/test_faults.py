@@ -3,7 +3,9 @@ run, stopping during evaluation. Each test fails without the guard it covers."""
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -225,3 +227,61 @@ def test_numbers_that_would_waste_a_run_are_refused_by_name(args, refusal):
 def test_epochs_may_be_zero_when_steps_are_set():
     assert finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--num_train_epochs", "0",
                                 "--max_steps", "5"])[2].max_steps == 5
+
+
+def slow_evaluation(tmp_path, loop):
+    """Arguments for a run whose evaluation at step 2 takes minutes on CPU: 1,000 clips of eval loss, or WER
+    of up to 400 generated tokens (32 clips)."""
+    from conftest import FIXTURE
+    clips = sorted((FIXTURE / "dev-clean").glob("*/*/*.flac"))
+    repeats, extra = (250, ("--predict_with_generate", "false")) if loop == "eval loss" else \
+        (8, ("--max_new_tokens", "400"))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"audio": str(c), "text": "words"}) + "\n"
+                                                for c in clips * repeats))
+    return tiny_args(tmp_path / "out", "--eval_manifest", str(tmp_path / "dev.jsonl"), "--max_eval_samples", "1000",
+                     "--eval_steps", "2", "--per_device_eval_batch_size", "1", "--per_device_train_batch_size", "2",
+                     "--save_steps", "1000", "--report_to", "none", *extra, steps=100000)
+
+
+def sigterm_during_evaluation(command, **kw):
+    """Runs `command`, sends SIGTERM 3 s into the evaluation at step 2: (output, return code, seconds to exit)."""
+    proc = run_script(command, **kw)
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    seen = []
+    for line in proc.stdout:  # step 2's training log comes just before its evaluation starts
+        seen.append(line)
+        if "'loss'" in line:
+            break
+    time.sleep(3)
+    assert proc.poll() is None, "".join(seen)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=230)[0]
+    watchdog.cancel()
+    return output, proc.returncode, time.monotonic() - signalled
+
+
+@pytest.mark.parametrize("loop", ["eval loss", "WER"])
+def test_a_signal_during_evaluation_saves_and_exits_at_the_next_batch(tmp_path, loop):
+    output, code, seconds = sigterm_during_evaluation([sys.executable, "finetune.py", *slow_evaluation(tmp_path, loop)])
+    assert code == 143, output[-3000:]
+    assert seconds < 12, output[-3000:]  # not the rest of the evaluation, then a step
+    assert "stopped by SIGTERM at step 2; checkpoint saved" in output and "--resume_from_checkpoint last" in output
+    out = tmp_path / "out"
+    assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
+    assert finetune.checkpoint_problem(str(out / "checkpoint-2")) is None
+
+
+def test_two_processes_agree_to_stop_during_evaluation(tmp_path):
+    # torchrun passes SIGTERM on to both ranks; 32 WER clips over 2 ranks, a clip each at a time
+    output, _, seconds = sigterm_during_evaluation(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", "29561", "finetune.py",
+         *slow_evaluation(tmp_path, "WER")],
+        env_extra={"ACCELERATE_USE_CPU": "true"})
+    assert seconds < 20, output[-3000:]
+    assert output.count("stopped by SIGTERM at step 2; checkpoint saved") == 2, output[-3000:]
+    out = tmp_path / "out"
+    assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoint-2"))
+    assert finetune.checkpoint_problem(str(out / "checkpoint-2")) is None
