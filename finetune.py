@@ -309,8 +309,8 @@ class SlamASRTrainer(Trainer):
 
     def rotate_checkpoints(self, run_dir, keep):
         """Trainer's rotation, but only once the new checkpoint is complete (a kill in between must not leave
-        nothing to resume from) and only over our complete checkpoint-<N> folders; the newest, `keep` and the
-        best model's are never deleted."""
+        nothing to resume from) and only over our complete checkpoint-<N> folders, oldest step first; `keep`
+        (the one just saved) and the best model's are never deleted."""
         if not self.save_total_limit:
             return
         complete, _ = find_checkpoints(run_dir)
@@ -594,7 +594,7 @@ def parse_args(argv):
                 import yaml
 
                 values = yaml.safe_load(f)
-        known = {f.name for dataclass_type in parser.dataclass_types for f in fields(dataclass_type) if f.init}
+        known = {spec.name for dataclass_type in parser.dataclass_types for spec in fields(dataclass_type) if spec.init}
         if not isinstance(values, dict):
             raise ValueError(f"{argv[0]} must hold a mapping of argument names to values")
         if set(values) - known:

@@ -17,6 +17,19 @@ import finetune
 NO_EVAL = ("--eval_split", "")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An output_dir with complete checkpoint-4 and checkpoint-8; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5", steps=8)) == 0
+    return out
+
+
+def copy_of(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "out")
+    return tmp_path / "out"
+
+
 def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_frees_it(tmp_path):
     out = tmp_path / "out"
     holder = run_script([sys.executable, "-c", "import sys, time, finetune\n"
@@ -47,9 +60,8 @@ def killed_at_step(monkeypatch, name, step):
     monkeypatch.setattr(owner, name, killed)
 
 
-def test_a_checkpoint_saved_again_loses_its_old_completion_marker_first(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5", steps=8)) == 0
+def test_a_checkpoint_saved_again_loses_its_old_completion_marker_first(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
     # resumed from checkpoint-4, killed while checkpoint-8 is written again: new adapter, old optimizer
     killed_at_step(monkeypatch, "_save_optimizer_and_scheduler", 8)
     with pytest.raises(KeyboardInterrupt):
@@ -61,36 +73,23 @@ def test_a_checkpoint_saved_again_loses_its_old_completion_marker_first(tmp_path
 
 def test_rotation_waits_for_the_new_checkpoint_to_be_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    killed_at_step(monkeypatch, "mark_complete", 8)  # between Trainer's save and our completion marker
+    killed_at_step(monkeypatch, "mark_complete", 4)  # between Trainer's save and our completion marker
     with pytest.raises(KeyboardInterrupt):
-        finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "1", steps=8))
+        finetune.main(tiny_args(out, *NO_EVAL, "--save_steps", "2", "--save_total_limit", "1", steps=4))
     complete, _ = finetune.find_checkpoints(str(out))
-    assert complete == [str(out / "checkpoint-4")]  # still there to resume from
+    assert complete == [str(out / "checkpoint-2")]  # still there to resume from
 
 
 def test_rotation_leaves_folders_that_are_not_our_checkpoints(tmp_path):
     out = tmp_path / "out"
-    yours = [out / "checkpoint-4.bak", out / "checkpoint-best", out / "checkpoint-x-2"]
+    yours = [out / "checkpoint-2.bak", out / "checkpoint-best", out / "checkpoint-x-2"]
     for path in yours:
         path.mkdir(parents=True)
         (path / "notes.txt").write_text("mine")
         os.utime(path, (time.time() - 3600,) * 2)  # oldest of all, were rotation to go by mtime
-    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "1", steps=8)) == 0
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_steps", "2", "--save_total_limit", "1", steps=4)) == 0
     assert all((path / "notes.txt").read_text() == "mine" for path in yours)
-    assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-8")], [])
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """An output_dir with complete checkpoint-4 and checkpoint-8; tests damage copies of it."""
-    out = tmp_path_factory.mktemp("trained") / "out"
-    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5", steps=8)) == 0
-    return out
-
-
-def copy_of(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "out")
-    return tmp_path / "out"
+    assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-4")], [])
 
 
 def resume_args(out, resume, *extra):
