@@ -7,32 +7,43 @@ Trainer. Runs under `python`, `accelerate launch` (one GPU, multi-GPU, multi-nod
     python finetune.py --encoder tiny --llm tiny --librispeech_dir tests/fixtures/LibriSpeech \
         --output_dir out --use_cpu --max_steps 20                   (offline pipeline check, seconds on CPU)
 
-Every argument can also come from a JSON or YAML file: `python finetune.py args.json`.
+Every argument can also come from a JSON or YAML file, with the same defaults: `python finetune.py args.json`
+(arguments after the file override it).
 """
 
+import contextlib
+import fcntl
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
+import time
+import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from glob import glob
 
 import torch
 import transformers
 from accelerate.utils import gather_object
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback
-from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import data
-from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig
+from model import CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, WEIGHTS_NAME, SlamASR, SlamASRConfig
 
 logger = logging.getLogger("finetune")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is a torn write
+LOCK_NAME = ".finetune.lock"  # in output_dir, held by the run writing there
 
 
 @dataclass
@@ -67,8 +78,10 @@ class DataArguments:
     train_split: str = field(default="train-clean-100", metadata={
         "help": "Training split: comma-separated folder names with --librispeech_dir (train-clean-100,"
                 "train-clean-360); a split name with --dataset_name (train.clean.100+train.clean.360)."})
-    eval_split: str | None = field(default="dev-clean", metadata={
-        "help": "Evaluation split, named like --train_split; empty for none."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Evaluation split, named like --train_split (dev-clean by default with --librispeech_dir; needed "
+                "with --dataset_name, e.g. validation.clean); empty for none. With --train_manifest: "
+                "--eval_manifest."})
     train_manifest: str | None = field(default=None, metadata={
         "help": 'JSON-lines training manifest: {"audio": path, "text": ...} per line (paths relative to it).'})
     eval_manifest: str | None = field(default=None, metadata={"help": "JSON-lines evaluation manifest."})
@@ -104,7 +117,8 @@ class DataArguments:
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save a checkpoint, stop."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C): save a checkpoint and stop, at the end of the step or at the next
+    batch of an evaluation (a WER pass takes minutes, past a typical 30 s preemption grace period)."""
 
     def __init__(self):
         self.received = None
@@ -113,16 +127,30 @@ class StopOnSignal(TrainerCallback):
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def requested(self, args):
+        """Whether any rank received a signal. Every rank must ask at the same point: it is an all-reduce, so that
+        all stop together, or the save's collectives hang."""
         flag = torch.tensor(float(self.received is not None), device=args.device)
-        if args.world_size > 1:  # every rank must stop at the same step, or the save's collectives hang
+        if args.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item():
             self.received = self.received or "signal on another rank"
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested(args):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        # Trainer's eval-loss loop checks no flag: an exception leaves it (SlamASRTrainer.evaluate saves)
+        if self.requested(args):
+            raise StopDuringEvaluation(self.received)
+
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -165,7 +193,8 @@ class SlamASRTrainer(Trainer):
     def __init__(self, *args, wer_dataset=None, max_new_tokens=200, num_beams=1, max_nonfinite_steps=25,
                  max_batch_seconds=None, **kwargs):
         self.max_batch_seconds = max_batch_seconds  # read while Trainer builds its loaders
-        super().__init__(*args, **kwargs)
+        self.stop = StopOnSignal()
+        super().__init__(*args, callbacks=[*(kwargs.pop("callbacks", None) or []), self.stop], **kwargs)
         self.wer_dataset = wer_dataset
         self.max_new_tokens = max_new_tokens
         self.num_beams = num_beams
@@ -173,6 +202,10 @@ class SlamASRTrainer(Trainer):
         self.data_counts = {"samples": 0, "skipped": 0, "truncated": 0, "nonfinite_steps": 0}
         self.filtered = Counter()  # per reason, clips a stream dropped while training (indexed data: up front)
         self.consecutive_nonfinite = 0
+        # Trainer rotates checkpoints before our completion marker is written, and by a glob that takes the
+        # user's checkpoint-best along (transformers 5.23, in _save_checkpoint and at the end of train()):
+        # it gets no limit, and rotate_checkpoints applies ours.
+        self.save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
 
     # --- data bookkeeping and non-finite steps -------------------------------------------------------------
 
@@ -264,13 +297,34 @@ class SlamASRTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial):
+        # transformers 5.23: Trainer._save_checkpoint writes checkpoint-N (adapter, optimizer, scheduler, RNG,
+        # trainer state), then rotates by args.save_total_limit, which __init__ set to None: rotation is ours.
+        run_dir = self._get_output_dir(trial)
+        path = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(path):
+            # left by an earlier run that went further (this one resumed from before it): its marker would vouch
+            # for a mix of its files and ours if we were killed halfway through writing
+            logger.warning(f"replacing {path}, written by an earlier run that went past this step")
+            shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()  # gone before any rank writes into it
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk before the marker
         if self.args.should_save:
-            path = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            with open(os.path.join(path, COMPLETE_MARKER + ".tmp"), "w") as f:
-                json.dump({"global_step": self.state.global_step}, f)
-            os.replace(os.path.join(path, COMPLETE_MARKER + ".tmp"), os.path.join(path, COMPLETE_MARKER))
+            mark_complete(path, self.state.global_step)
+            self.rotate_checkpoints(run_dir, keep=path)
+
+    def rotate_checkpoints(self, run_dir, keep):
+        """Trainer's rotation, but only once the new checkpoint is complete (a kill in between must not leave
+        nothing to resume from) and only over our complete checkpoint-<N> folders, oldest step first; `keep`
+        (the one just saved) and the best model's are never deleted."""
+        if not self.save_total_limit:
+            return
+        complete, _ = find_checkpoints(run_dir)
+        protected = {os.path.abspath(p) for p in (keep, self.state.best_model_checkpoint) if p}
+        deletable = [p for p in complete if os.path.abspath(p) not in protected]
+        for path in deletable[:max(len(complete) - max(self.save_total_limit, len(protected)), 0)]:
+            logger.info(f"deleting {path} (--save_total_limit {self.save_total_limit})")
+            shutil.rmtree(path)
 
     def _load_adapter_weights(self, directory):
         model = self.accelerator.unwrap_model(self.model)
@@ -286,11 +340,18 @@ class SlamASRTrainer(Trainer):
     # --- evaluation: loss from Trainer, WER from real generation ---------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.wer_dataset is not None:
-            wer = {f"{metric_key_prefix}_{k}": v for k, v in self.generate_and_score().items()}
-            self.log(wer)
-            metrics.update(wer)
+        try:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            if self.wer_dataset is not None:
+                wer = {f"{metric_key_prefix}_{k}": v for k, v in self.generate_and_score().items()}
+                self.log(wer)
+                metrics.update(wer)
+        except StopDuringEvaluation:
+            # Trainer (5.23) would save only after this evaluation and the next step: save now, on every rank (they
+            # agreed to stop at this batch), then leave train()
+            if self.is_in_train:
+                self._save_checkpoint(self.model, trial=None)
+            raise
         return metrics
 
     def generate_and_score(self):
@@ -302,8 +363,12 @@ class SlamASRTrainer(Trainer):
         rows, failed = [], []
         records = self.wer_dataset.records[rank::world]
         batch_size = self.args.per_device_eval_batch_size
-        for start in tqdm(range(0, len(records), batch_size), desc="eval WER",
-                               disable=not self.is_world_process_zero()):
+        # as many batches on every rank (a shorter share ends on an empty one), so that all can agree on a stop
+        batches = math.ceil(math.ceil(len(self.wer_dataset.records) / world) / batch_size)
+        for start in tqdm(range(0, batches * batch_size, batch_size), desc="eval WER",
+                          disable=not self.is_world_process_zero()):
+            if self.stop.requested(self.args):
+                raise StopDuringEvaluation(self.stop.received)
             batch, audios, bad = data.load_clips(self.wer_dataset.load, records[start:start + batch_size])
             failed += [(record["id"], reason) for record, reason in bad]
             if audios:
@@ -334,6 +399,10 @@ class NonFiniteTraining(RuntimeError):
     pass
 
 
+class StopDuringEvaluation(Exception):
+    """A stop signal came during an evaluation; the step's checkpoint is saved as it leaves train()."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -341,18 +410,103 @@ def checkpoint_is_complete(path):
     return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
 
 
+def mark_complete(path, global_step):
+    with open(os.path.join(path, COMPLETE_MARKER + ".tmp"), "w") as f:
+        json.dump({"global_step": global_step}, f)
+    os.replace(os.path.join(path, COMPLETE_MARKER + ".tmp"), os.path.join(path, COMPLETE_MARKER))
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir, holder=True):
+    """An exclusive lock on output_dir for the run's life: a second run into it fails at once instead of mixing
+    its checkpoints with ours. Held by the process that writes checkpoints (`holder`; rank 0, or each node's
+    first process with --save_on_each_node). fcntl.flock rather than the filelock package: the kernel drops it
+    when the process dies, SIGKILL included, where filelock's fallback soft lock would stay behind stale."""
+    if not holder:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, LOCK_NAME), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(f"{output_dir} is in use by another run ({f.read().strip() or 'holder unknown'}): "
+                               "wait for it to end, or choose another --output_dir") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): warn, do not refuse to train
+            logger.warning(f"cannot lock {output_dir} ({e}): nothing stops a second run from writing into it")
+        else:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+        yield
+
+
 def find_checkpoints(output_dir):
     """(complete, torn) checkpoint folders of output_dir, oldest first."""
     if not os.path.isdir(output_dir):
         return [], []
-    names = [n for n in os.listdir(output_dir) if n.startswith(PREFIX_CHECKPOINT_DIR + "-")
-             and n.split("-")[-1].isdigit()]
-    paths = [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[-1]))]
+    # checkpoint-<digits> folders only: a user's checkpoint-best or checkpoint-4.bak is none of ours
+    steps = {n: int(m.group(1)) for n in os.listdir(output_dir)
+             if (m := re.fullmatch(PREFIX_CHECKPOINT_DIR + r"-(\d+)", n))
+             and os.path.isdir(os.path.join(output_dir, n))}
+    paths = [os.path.join(output_dir, n) for n in sorted(steps, key=steps.get)]
     return [p for p in paths if checkpoint_is_complete(p)], [p for p in paths if not checkpoint_is_complete(p)]
 
 
-def resolve_resume(training_args):
-    """--resume_from_checkpoint PATH or `last`; refuses torn checkpoints and silently mixed runs."""
+def checkpoint_problem(path):
+    """Why a complete checkpoint cannot be resumed from (a file missing, truncated or unparsable), or None.
+    Trainer resumes with a fresh optimizer and the LR at its peak when optimizer.pt or scheduler.pt is missing,
+    so they are required. Reads no pickle: a torch.save file is a zip archive whose checksums give away a
+    truncated or damaged file."""
+    if os.path.isfile(os.path.join(path, "latest")):  # DeepSpeed: its engine files hold the optimizer state
+        with open(os.path.join(path, "latest")) as f:
+            tag = f.read().strip()
+        required = [os.path.join(tag, "mp_rank_00_model_states.pt")]
+        if not glob(os.path.join(path, tag, "*optim_states.pt")):
+            return f"{tag}/ holds no DeepSpeed optimizer states (*optim_states.pt)"
+    else:
+        required = [OPTIMIZER_NAME, SCHEDULER_NAME]
+    for name in (WEIGHTS_NAME, CONFIG_NAME, TRAINER_STATE_NAME, *required):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        with safe_open(os.path.join(path, WEIGHTS_NAME), "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        return f"{WEIGHTS_NAME} is unreadable ({e})"
+    try:
+        SlamASRConfig.from_json_file(os.path.join(path, CONFIG_NAME))
+    except ValueError as e:  # the message names the file
+        return str(e)
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+    except ValueError as e:
+        return f"{TRAINER_STATE_NAME} is not valid JSON ({e})"
+    for file in sorted(glob(os.path.join(path, "**", "*.pt*"), recursive=True)):
+        name = os.path.relpath(file, path)
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{name} is truncated or not a torch.save file ({e})"
+        if damaged:
+            return f"{name} is damaged ({damaged} fails its checksum)"
+    return None
+
+
+def config_differences(saved, current):
+    """'field: checkpoint X, this run Y' for each SlamASRConfig field that differs. A field this run has left
+    None is filled in when the backbones load, so there is nothing to compare yet."""
+    return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, this run {getattr(current, f.name)!r}"
+            for f in fields(SlamASRConfig)
+            if getattr(current, f.name) is not None and getattr(saved, f.name) != getattr(current, f.name)]
+
+
+def resolve_resume(training_args, config):
+    """--resume_from_checkpoint PATH or `last` (the newest intact checkpoint); refuses torn or broken
+    checkpoints, silently mixed runs, and a checkpoint of another model config than `config`."""
     complete, torn = find_checkpoints(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is None:
@@ -363,10 +517,28 @@ def resolve_resume(training_args):
     if resume in ("last", "true", "True"):
         if not complete:
             raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {training_args.output_dir}")
-        resume = complete[-1]
+        skipped = []
+        for path in reversed(complete):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                break
+            logger.warning(f"--resume_from_checkpoint {resume}: skipping {path}: {problem}")
+            skipped.append(f"{os.path.basename(path)}: {problem}")
+        else:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no intact checkpoint in {training_args.output_dir} "
+                             f"({'; '.join(skipped)})")
+        resume = path
     elif not checkpoint_is_complete(resume):
         raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_MARKER}: the run was killed while "
                          "saving it, or it is not a checkpoint folder); resume from an earlier one")
+    elif problem := checkpoint_problem(resume):
+        raise ValueError(f"cannot resume from {resume}: {problem}; resume from an earlier checkpoint (`last` "
+                         "takes the newest intact one)")
+    differences = config_differences(SlamASRConfig.from_json_file(os.path.join(resume, CONFIG_NAME)), config)
+    if differences:
+        raise ValueError(f"{resume} was trained with another model config than this run's: "
+                         + "; ".join(differences) + ". Pass the checkpoint's values (the same command as its run), "
+                         "or start a new --output_dir")
     if torn and training_args.should_save:
         for path in torn:  # half-written by a killed run; left in place they would be rotated in as if good
             logger.warning(f"removing incomplete checkpoint {path}")
@@ -411,7 +583,8 @@ def load_train_stream(data_args, training_args, sampling_rate):
 
 
 def parse_args(argv):
-    """Our dataclasses and Seq2SeqTrainingArguments, from the command line or one JSON/YAML file."""
+    """Our dataclasses and Seq2SeqTrainingArguments, from the command line or a JSON/YAML file (then the command
+    line's overrides), with the same defaults either way; refuses what would waste a run, by name."""
     parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
     # defaults this model needs (each still overridable where it makes sense)
     parser.set_defaults(output_dir="output", report_to="tensorboard", learning_rate=1e-4, warmup_steps=1000,
@@ -419,11 +592,27 @@ def parse_args(argv):
                         save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
                         do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
                         prediction_loss_only=True, dataloader_num_workers=4)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        file_parse = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = file_parse(os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        # The file's values become the parser's defaults and the rest of argv parses on top, so a file gets the
+        # defaults above and takes overrides after it, exactly as the command line does. (HfArgumentParser's
+        # parse_json_file/parse_yaml_file fill the dataclasses from the file alone, without set_defaults; its
+        # args_filename/args_file_flag read command-line words, not JSON or YAML.)
+        with open(argv[0], encoding="utf-8") as f:
+            if argv[0].endswith(".json"):
+                values = json.load(f)
+            else:
+                import yaml
+
+                values = yaml.safe_load(f)
+        known = {spec.name for dataclass_type in parser.dataclass_types for spec in fields(dataclass_type) if spec.init}
+        if not isinstance(values, dict):
+            raise ValueError(f"{argv[0]} must hold a mapping of argument names to values")
+        if set(values) - known:
+            raise ValueError(f"{argv[0]}: unknown arguments {sorted(set(values) - known)} (python finetune.py --help "
+                             "lists them)")
+        parser.set_defaults(**values)
+        argv = argv[1:]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     for name in ("generation_max_length", "generation_config"):
         if getattr(training_args, name) is not None:
             raise ValueError(f"--{name} is not used by finetune.py: set --max_new_tokens and --generation_num_beams")
@@ -444,6 +633,44 @@ def parse_args(argv):
         if training_args.max_steps <= 0:
             raise ValueError("--streaming has no epoch length to count: set --max_steps (e.g. 960 h of LibriSpeech "
                              "at 16 clips x 8 GPUs per step is about 2,200 steps per epoch)")
+    sources = [f"--{name}" for name in ("librispeech_dir", "dataset_name", "train_manifest")
+               if getattr(data_args, name)]
+    if len(sources) != 1:
+        raise ValueError(f"{' and '.join(sources)}: train on one data source" if sources else
+                         "no data: pass --librispeech_dir, --dataset_name or --train_manifest")
+    if data_args.eval_split and data_args.eval_manifest:
+        raise ValueError("--eval_split and --eval_manifest: evaluate on one of them")
+    if data_args.train_manifest and data_args.eval_split:
+        raise ValueError(f"--eval_split {data_args.eval_split} names a split of --librispeech_dir or --dataset_name: "
+                         "with --train_manifest, evaluate on --eval_manifest (or on nothing)")
+    if data_args.eval_split is None and not data_args.eval_manifest:
+        if data_args.librispeech_dir:
+            data_args.eval_split = "dev-clean"
+        elif data_args.dataset_name:
+            raise ValueError("--dataset_name needs --eval_split (openslr/librispeech_asr: validation with "
+                             "--dataset_config clean or other, validation.clean with all), or --eval_split '' for "
+                             "no evaluation")
+    # numbers that would waste a run (an untrained adapter, a crash at the first evaluation), refused by name
+    t, d, m = training_args, data_args, model_args
+    ranges = [
+        ("max_steps", t.max_steps, t.max_steps != 0, "a step count, or -1 to train --num_train_epochs"),
+        ("num_train_epochs", t.num_train_epochs, t.max_steps > 0 or t.num_train_epochs > 0, "> 0, or set --max_steps"),
+        ("per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, ">= 1"),
+        ("per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, ">= 1"),
+        ("max_new_tokens", d.max_new_tokens, d.max_new_tokens >= 1, ">= 1"),
+        ("max_target_tokens", d.max_target_tokens, d.max_target_tokens >= 2, ">= 2: a text token and EOS"),
+        ("max_nonfinite_steps", d.max_nonfinite_steps, d.max_nonfinite_steps >= 1, ">= 1"),
+        ("min_duration", d.min_duration, d.min_duration >= 0, ">= 0"),
+        ("max_duration", d.max_duration, d.max_duration > d.min_duration, f"> --min_duration {d.min_duration:g}"),
+        ("max_eval_samples", d.max_eval_samples, d.max_eval_samples is None or d.max_eval_samples >= 1,
+         ">= 1, or unset for the whole split"),
+        ("shuffle_buffer_size", d.shuffle_buffer_size, d.shuffle_buffer_size >= 0, ">= 0"),
+        ("downsample", m.downsample, m.downsample >= 1, ">= 1"),
+        ("adapter_hidden", m.adapter_hidden, m.adapter_hidden >= 1, ">= 1"),
+    ]
+    wrong = [f"--{name} {value:g} (must be {rule})" for name, value, ok, rule in ranges if not ok]
+    if wrong:
+        raise ValueError("out of range: " + "; ".join(wrong))
     if data_args.max_batch_seconds is not None:
         if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
             raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "
@@ -495,9 +722,13 @@ def fill_feature_cache(model, train_dataset, data_args, training_args):
 
 
 def main(argv=None):
-    # 1. Arguments
+    # 1. Arguments; the run then holds output_dir until it ends
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    with hold_output_dir(training_args.output_dir, holder=training_args.should_save):
+        return train(model_args, data_args, training_args)
 
+
+def train(model_args, data_args, training_args):
     # 2. Logging, on the main process only at full volume
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -510,12 +741,12 @@ def main(argv=None):
         lg.setLevel(level)
     transformers.set_seed(training_args.seed)
 
-    # 3. Resume, or refuse to mix runs
-    resume = resolve_resume(training_args)
-
-    # 4. Model: frozen backbones in half precision when training in it; the adapter stays float32
+    # 3. Resume (from a checkpoint of this very config), or refuse to mix runs
     config = SlamASRConfig(model_args.encoder, model_args.llm, model_args.adapter, model_args.downsample,
                            model_args.adapter_hidden, model_args.prompt_template)
+    resume = resolve_resume(training_args, config)
+
+    # 4. Model: frozen backbones in half precision when training in it; the adapter stays float32
     dtype = torch.float16 if training_args.fp16 else torch.bfloat16 if training_args.bf16 else None
     with training_args.main_process_first(desc="loading backbones"):  # one download, the others read the cache
         model = SlamASR.from_config(config, torch_dtype=dtype, trust_remote_code=model_args.trust_remote_code)
@@ -549,11 +780,10 @@ def main(argv=None):
         train_dataset = fill_feature_cache(model, train_dataset, data_args, training_args)
     collator = data.SpeechCollator(model.processor, data_args.max_target_tokens)
 
-    # 6. Train
-    stop = StopOnSignal()
+    # 6. Train (the trainer stops on SIGTERM/SIGINT: trainer.stop)
     trainer = SlamASRTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=collator, callbacks=[stop],
+        data_collator=collator,
         wer_dataset=eval_dataset if training_args.predict_with_generate else None,
         max_new_tokens=data_args.max_new_tokens, num_beams=training_args.generation_num_beams or 1,
         max_nonfinite_steps=data_args.max_nonfinite_steps, max_batch_seconds=data_args.max_batch_seconds,
@@ -565,6 +795,10 @@ def main(argv=None):
     except NonFiniteTraining as e:
         logger.error(str(e))
         return 1
+    except StopDuringEvaluation:
+        pass  # the step's checkpoint is saved; trainer.stop.received says why, below
+    finally:
+        trainer.stop.restore()  # the signal handlers, also where train() left before on_train_end
     counts, filtered = trainer.data_counts, trainer.filtered
     if training_args.world_size > 1:  # each rank counted what its own loader skipped
         counts = {k: sum(c[k] for c in gather_object([counts])) for k in counts}
@@ -573,10 +807,10 @@ def main(argv=None):
                 f"truncated to {data_args.max_target_tokens} tokens, {counts['nonfinite_steps']} non-finite steps")
     if filtered:
         logger.info("data: the stream's filters dropped " + ", ".join(f"{n} {r}" for r, n in filtered.most_common()))
-    if stop.received:
-        logger.warning(f"stopped by {stop.received} at step {trainer.state.global_step}; checkpoint saved. Resume "
-                       f"with the same command plus --resume_from_checkpoint last")
-        return 128 + (signal.SIGINT if stop.received == "SIGINT" else signal.SIGTERM)
+    if trainer.stop.received:
+        logger.warning(f"stopped by {trainer.stop.received} at step {trainer.state.global_step}; checkpoint saved. "
+                       f"Resume with the same command plus --resume_from_checkpoint last")
+        return 128 + (signal.SIGINT if trainer.stop.received == "SIGINT" else signal.SIGTERM)
 
     # Trainer counts steps x nominal batch size; duration batches vary in size, so report what was trained on
     result.metrics["train_samples_per_second"] = round(counts["samples"] / result.metrics["train_runtime"], 3)

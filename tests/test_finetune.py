@@ -195,7 +195,7 @@ def test_streaming_refuses_what_needs_an_index():
         finetune.parse_args([*base, "--dataset_name", "d", "--group_by_length", "--max_steps", "5"])
     with pytest.raises(ValueError, match="set --max_steps"):
         finetune.parse_args([*base, "--dataset_name", "d"])
-    assert finetune.parse_args([*base, "--dataset_name", "d", "--max_steps", "5"])[1].streaming
+    assert finetune.parse_args([*base, "--dataset_name", "d", "--max_steps", "5", "--eval_split", ""])[1].streaming
 
 
 def test_two_process_streaming_run(tmp_path, hub_copy):
@@ -280,8 +280,8 @@ def test_bad_clip_mid_training_is_skipped_and_counted(tmp_path, caplog):
     lines.append(json.dumps({"audio": "nan.wav", "text": "poison"}))
     (tmp_path / "train.jsonl").write_text("\n".join(lines))
     out = tmp_path / "out"
-    args = tiny_args(out, "--train_manifest", str(tmp_path / "train.jsonl"), "--eval_split", "",
-                     "--per_device_train_batch_size", "2", steps=6)
+    args = tiny_args(out, "--per_device_train_batch_size", "2", steps=6,
+                     source=("--train_manifest", str(tmp_path / "train.jsonl")))  # and no eval: none is named
     with caplog.at_level("INFO"):
         assert finetune.main(args) == 0
     assert all(torch.isfinite(w).all() for w in adapter_weights(out).values())
@@ -291,8 +291,8 @@ def test_bad_clip_mid_training_is_skipped_and_counted(tmp_path, caplog):
     state = json.loads((out / "trainer_state.json").read_text())
     assert any(h.get("skipped_clips", 0) >= 1 for h in state["log_history"])
     with pytest.raises(Exception, match="NaN or Inf.*strict_data"):
-        finetune.main(tiny_args(tmp_path / "strict", "--train_manifest", str(tmp_path / "train.jsonl"),
-                                "--eval_split", "", "--strict_data", "--per_device_train_batch_size", "2", steps=6))
+        finetune.main(tiny_args(tmp_path / "strict", "--strict_data", "--per_device_train_batch_size", "2", steps=6,
+                                source=("--train_manifest", str(tmp_path / "train.jsonl"))))
 
 
 def test_unreachable_backbone_says_how_to_use_a_local_copy():
