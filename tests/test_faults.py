@@ -230,13 +230,15 @@ def test_epochs_may_be_zero_when_steps_are_set():
 
 def slow_evaluation(tmp_path, loop):
     """Arguments for a run whose evaluation at step 2 takes minutes on CPU: 1,000 clips of eval loss, or WER
-    of up to 400 generated tokens (32 clips)."""
+    of 400 clips."""
     from conftest import FIXTURE
     clips = sorted((FIXTURE / "dev-clean").glob("*/*/*.flac"))
+    # (decoding is bounded by each clip's duration: the WER pass takes its minutes from the number of clips)
     repeats, extra = (250, ("--predict_with_generate", "false")) if loop == "eval loss" else \
-        (8, ("--max_new_tokens", "400"))
-    (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"audio": str(c), "text": "words"}) + "\n"
-                                                for c in clips * repeats))
+        (100, ("--max_new_tokens", "400"))
+    # ids of their own: lines repeating an id are dropped as duplicates
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"id": f"clip{i}", "audio": str(c), "text": "words"}) + "\n"
+                                                for i, c in enumerate(clips * repeats)))
     return tiny_args(tmp_path / "out", "--eval_manifest", str(tmp_path / "dev.jsonl"), "--max_eval_samples", "1000",
                      "--eval_steps", "2", "--per_device_eval_batch_size", "1", "--per_device_train_batch_size", "2",
                      "--save_steps", "1000", "--report_to", "none", *extra, steps=100000)
