@@ -275,7 +275,7 @@ def test_a_signal_during_evaluation_saves_and_exits_at_the_next_batch(tmp_path, 
 
 
 def test_two_processes_agree_to_stop_during_evaluation(tmp_path):
-    # torchrun passes SIGTERM on to both ranks; 32 WER clips over 2 ranks, a clip each at a time
+    # torchrun passes SIGTERM on to both ranks; 400 WER clips over 2 ranks, a clip each at a time
     output, _, seconds = sigterm_during_evaluation(
         ["torchrun", "--nproc_per_node", "2", "--master_port", "29561", "finetune.py",
          *slow_evaluation(tmp_path, "WER")],
