@@ -513,26 +513,66 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
 
 
 class SpeechCollator:
-    """Samples -> what SlamASR.forward takes (input_values and audio_lengths, or cached encoder_frames and
-    frame_lengths; labels), made by the processor (processor.SlamASRProcessor), plus `data_stats` (clips
-    skipped or filtered out, transcripts truncated) that the trainer pops before the forward."""
+    """Samples -> what SlamASR.forward takes, made by the processor (processor.SlamASRProcessor): input_values
+    and audio_lengths, or cached encoder_frames and frame_lengths; labels. Plus `data_stats` (DataStats.of_batch),
+    which the trainer pops before the forward and counts."""
 
     def __init__(self, processor, max_target_tokens=None):
         self.processor = processor
         self.max_target_tokens = max_target_tokens
 
     def __call__(self, samples):
-        labels, truncated = self.processor.labels([s["text"] for s in samples], self.max_target_tokens)
-        skipped = [item for s in samples for item in s["skipped"]]
+        cached = "frames" in samples[0]  # from the feature cache
+        batch = self.processor(audios=None if cached else [s["audio"] for s in samples],
+                               texts=[s["text"] for s in samples], max_target_tokens=self.max_target_tokens)
+        if cached:
+            batch["encoder_frames"], batch["frame_lengths"] = collate_frames(samples)
+        batch["data_stats"] = DataStats.of_batch(samples, batch.pop("num_truncated"))
+        return batch
+
+
+class DataStats:
+    """What the data did while training, counted from the `data_stats` each batch carries: clips trained on,
+    skipped while loading (replaced by the next good one), dropped by a stream's filters, transcripts
+    truncated. Each rank counts what its own loader (its workers included) made; `summed` adds the ranks up."""
+
+    def __init__(self):
+        self.samples, self.skipped, self.truncated, self.filtered = 0, 0, 0, Counter()
+
+    @staticmethod
+    def of_batch(samples, truncated):
         filtered = Counter()
         for s in samples:  # only a stream filters while batching; indexed data is filtered up front
             filtered.update(s.get("filtered", {}))
-        batch = dict(labels=labels, data_stats=dict(skipped=skipped, truncated=truncated, filtered=dict(filtered)))
-        if "frames" in samples[0]:  # from the feature cache
-            batch["encoder_frames"], batch["frame_lengths"] = collate_frames(samples)
-        else:
-            batch["input_values"], batch["audio_lengths"] = self.processor.audio([s["audio"] for s in samples])
-        return batch
+        return dict(samples=len(samples), skipped=[item for s in samples for item in s["skipped"]],
+                    truncated=truncated, filtered=dict(filtered))
+
+    def add(self, batch_stats):
+        self.samples += batch_stats["samples"]
+        self.skipped += len(batch_stats["skipped"])
+        self.truncated += batch_stats["truncated"]
+        self.filtered.update(batch_stats["filtered"])
+
+    def summed(self, world_size):
+        """These counts over all ranks (a collective: every rank calls it)."""
+        if world_size == 1:
+            return self
+        from accelerate.utils import gather_object
+
+        total = DataStats()
+        for rank in gather_object([vars(self)]):
+            total.samples += rank["samples"]
+            total.skipped += rank["skipped"]
+            total.truncated += rank["truncated"]
+            total.filtered.update(rank["filtered"])
+        return total
+
+    def summary(self, max_target_tokens):
+        line = (f"data: {self.skipped} clips skipped while loading, {self.truncated} transcripts truncated to "
+                f"{max_target_tokens} tokens")
+        if self.filtered:
+            line += "; the stream's filters dropped " + ", ".join(f"{n} {r}" for r, n in self.filtered.most_common())
+        return line
 
 
 def build_dataset(name, records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True,

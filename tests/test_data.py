@@ -274,5 +274,5 @@ def test_collator_shapes_and_masks(clip):
     assert batch["labels"][0].tolist() == short  # fits exactly: not truncated
     assert batch["labels"].shape[1] == len(short)
     assert batch["labels"][1, -1] == tokenizer.eos_token_id  # truncated, EOS kept
-    assert batch["data_stats"] == {"skipped": [("x", "bad")], "truncated": 1, "filtered": {}}
+    assert batch["data_stats"] == {"samples": 2, "skipped": [("x", "bad")], "truncated": 1, "filtered": {}}
     assert torch.isfinite(batch["input_values"]).all()

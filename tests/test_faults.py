@@ -13,6 +13,7 @@ import torch
 from test_finetune import run_script, tiny_args
 
 import finetune
+from trainer import SlamASRTrainer, checkpoint_problem, find_checkpoints, hold_output_dir, resolve_resume
 
 NO_EVAL = ("--eval_split", "")
 
@@ -33,7 +34,7 @@ def copy_of(trained, tmp_path):
 def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_frees_it(tmp_path):
     out = tmp_path / "out"
     holder = run_script([sys.executable, "-c", "import sys, time, finetune\n"
-                         "with finetune.hold_output_dir(sys.argv[1]):\n"
+                         "with hold_output_dir(sys.argv[1]):\n"
                          "    print('held', flush=True)\n"
                          "    time.sleep(300)", str(out)])
     try:
@@ -48,11 +49,11 @@ def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_free
 
 def killed_at_step(monkeypatch, name, step):
     """Makes finetune.<name> (a SlamASRTrainer method, or a module function) raise at `step`, as a kill would."""
-    owner = finetune.SlamASRTrainer if hasattr(finetune.SlamASRTrainer, name) else finetune
+    owner = SlamASRTrainer if hasattr(SlamASRTrainer, name) else finetune
     original = getattr(owner, name)
 
     def killed(*args, **kwargs):
-        trainer_step = args[0].state.global_step if owner is finetune.SlamASRTrainer else args[1]
+        trainer_step = args[0].state.global_step if owner is SlamASRTrainer else args[1]
         if trainer_step == step:
             raise KeyboardInterrupt(f"killed in {name} at step {step}")
         return original(*args, **kwargs)
@@ -67,7 +68,7 @@ def test_a_checkpoint_saved_again_loses_its_old_completion_marker_first(trained,
     with pytest.raises(KeyboardInterrupt):
         finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5",
                                 "--resume_from_checkpoint", str(out / "checkpoint-4"), steps=8))
-    complete, torn = finetune.find_checkpoints(str(out))
+    complete, torn = find_checkpoints(str(out))
     assert complete == [str(out / "checkpoint-4")] and torn == [str(out / "checkpoint-8")]
 
 
@@ -76,7 +77,7 @@ def test_rotation_waits_for_the_new_checkpoint_to_be_complete(tmp_path, monkeypa
     killed_at_step(monkeypatch, "mark_complete", 4)  # between Trainer's save and our completion marker
     with pytest.raises(KeyboardInterrupt):
         finetune.main(tiny_args(out, *NO_EVAL, "--save_steps", "2", "--save_total_limit", "1", steps=4))
-    complete, _ = finetune.find_checkpoints(str(out))
+    complete, _ = find_checkpoints(str(out))
     assert complete == [str(out / "checkpoint-2")]  # still there to resume from
 
 
@@ -89,7 +90,7 @@ def test_rotation_leaves_folders_that_are_not_our_checkpoints(tmp_path):
         os.utime(path, (time.time() - 3600,) * 2)  # oldest of all, were rotation to go by mtime
     assert finetune.main(tiny_args(out, *NO_EVAL, "--save_steps", "2", "--save_total_limit", "1", steps=4)) == 0
     assert all((path / "notes.txt").read_text() == "mine" for path in yours)
-    assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-4")], [])
+    assert find_checkpoints(str(out)) == ([str(out / "checkpoint-4")], [])
 
 
 def resume_args(out, resume, *extra):
@@ -112,13 +113,12 @@ def truncate(path):
 def test_resume_refuses_a_broken_checkpoint_by_file_and_last_falls_back(trained, tmp_path, caplog, damage, problem):
     out = copy_of(trained, tmp_path)
     damage(out / "checkpoint-8")
-    model_args, _, training_args = resume_args(out, out / "checkpoint-8")
-    config = finetune.SlamASRConfig(model_args.encoder, model_args.llm, adapter_hidden=model_args.adapter_hidden)
+    config, _, _, training_args = resume_args(out, out / "checkpoint-8")
     with pytest.raises(ValueError, match=f"cannot resume from {out / 'checkpoint-8'}: .*{problem}"):
-        finetune.resolve_resume(training_args, config)
-    _, _, training_args = resume_args(out, "last")
+        resolve_resume(training_args, config)
+    _, _, _, training_args = resume_args(out, "last")
     with caplog.at_level("WARNING"):
-        assert finetune.resolve_resume(training_args, config) == str(out / "checkpoint-4")
+        assert resolve_resume(training_args, config) == str(out / "checkpoint-4")
     assert any(f"skipping {out / 'checkpoint-8'}: " in r.getMessage() and problem in r.getMessage()
                for r in caplog.records)
 
@@ -168,11 +168,12 @@ def test_an_args_file_gets_the_same_defaults_as_the_command_line(tmp_path):
     expected = finetune.parse_args(cli)
     for file in ("args.json", "args.yaml"):
         assert finetune.parse_args([str(tmp_path / file)]) == expected, file
-    model_args, data_args, training_args = expected
+    config, _, data_args, training_args = expected
+    assert config.prompt_template == "Say: <speech>"
     assert training_args.learning_rate == 1e-4 and training_args.save_total_limit == 3  # the recipe's, not HF's
     assert data_args.eval_split == "dev-clean" and training_args.do_eval and not training_args.remove_unused_columns
     # arguments after the file override it
-    assert finetune.parse_args([str(tmp_path / "args.yaml"), "--max_steps", "7"])[2].max_steps == 7
+    assert finetune.parse_args([str(tmp_path / "args.yaml"), "--max_steps", "7"])[3].max_steps == 7
     (tmp_path / "typo.json").write_text(json.dumps({**values, "learning_rat": 1e-3}))
     with pytest.raises(ValueError, match=r"typo.json: unknown arguments \['learning_rat'\]"):
         finetune.parse_args([str(tmp_path / "typo.json")])
@@ -201,7 +202,7 @@ def test_one_data_source_and_an_evaluation_that_fits_it(args, refusal):
     (["--dataset_name", "d", "--eval_split", "validation"], "validation"),
 ])
 def test_the_evaluation_each_source_gets(args, evaluates_on):
-    _, data_args, training_args = finetune.parse_args(["--output_dir", "x", *args])
+    _, _, data_args, training_args = finetune.parse_args(["--output_dir", "x", *args])
     assert (data_args.eval_split or data_args.eval_manifest) == evaluates_on
     assert training_args.do_eval == (evaluates_on is not None)
 
@@ -216,16 +217,18 @@ def test_the_evaluation_each_source_gets(args, evaluates_on):
     (["--min_duration", "-1"], "--min_duration -1"),
     (["--max_eval_samples", "0"], "--max_eval_samples 0"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
-    (["--adapter_hidden", "0"], "--adapter_hidden 0"),
 ])
 def test_numbers_that_would_waste_a_run_are_refused_by_name(args, refusal):
     with pytest.raises(ValueError, match=f"out of range: .*{refusal}"):
         finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", *args])
+    # the model's own numbers are SlamASRConfig's to check, as it parses
+    with pytest.raises(ValueError, match="adapter_hidden must be an integer >= 1, got 0"):
+        finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--adapter_hidden", "0"])
 
 
 def test_epochs_may_be_zero_when_steps_are_set():
     assert finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--num_train_epochs", "0",
-                                "--max_steps", "5"])[2].max_steps == 5
+                                "--max_steps", "5"])[3].max_steps == 5
 
 
 def slow_evaluation(tmp_path, loop):
@@ -270,8 +273,8 @@ def test_a_signal_during_evaluation_saves_and_exits_at_the_next_batch(tmp_path, 
     assert seconds < 12, output[-3000:]  # not the rest of the evaluation, then a step
     assert "stopped by SIGTERM at step 2; checkpoint saved" in output and "--resume_from_checkpoint last" in output
     out = tmp_path / "out"
-    assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
-    assert finetune.checkpoint_problem(str(out / "checkpoint-2")) is None
+    assert find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
+    assert checkpoint_problem(str(out / "checkpoint-2")) is None
 
 
 def test_two_processes_agree_to_stop_during_evaluation(tmp_path):
@@ -283,6 +286,6 @@ def test_two_processes_agree_to_stop_during_evaluation(tmp_path):
     assert seconds < 20, output[-3000:]
     assert output.count("stopped by SIGTERM at step 2; checkpoint saved") == 2, output[-3000:]
     out = tmp_path / "out"
-    assert finetune.find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
+    assert find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoint-2"))
-    assert finetune.checkpoint_problem(str(out / "checkpoint-2")) is None
+    assert checkpoint_problem(str(out / "checkpoint-2")) is None

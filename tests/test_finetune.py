@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import finetune
 from model import CONFIG_NAME, WEIGHTS_NAME, SlamASR
+from trainer import COMPLETE_MARKER, SlamASRTrainer, find_checkpoints
 
 
 def tiny_args(out, *extra, steps=8, source=("--librispeech_dir", str(FIXTURE))):
@@ -38,7 +39,7 @@ def test_end_to_end_tiny_run(tmp_path):
         assert all(k.split(".")[0] in ("proj", "conv") for k in adapter_weights(d))
         assert not any(f.endswith((".bin", "model.safetensors")) for f in os.listdir(d))
         assert (d / WEIGHTS_NAME).stat().st_size < 2_000_000
-    assert (out / "checkpoint-8" / finetune.COMPLETE_MARKER).is_file()
+    assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
     # predictions and a WER scalar in TensorBoard
     rows = [json.loads(line) for line in (out / "predictions_step8.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and set(rows[0]) == {"id", "reference", "hypothesis"}
@@ -63,8 +64,8 @@ def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", str(torn), steps=8))
     assert finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", "last", steps=8)) == 0
-    assert not torn.exists() or (torn / finetune.COMPLETE_MARKER).exists()
-    assert (out / "checkpoint-8" / finetune.COMPLETE_MARKER).is_file()
+    assert not torn.exists() or (torn / COMPLETE_MARKER).exists()
+    assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
 
 
 @pytest.mark.parametrize("batching", [(), ("--max_batch_seconds", "7")])  # duration batches: 2 per epoch
@@ -73,17 +74,17 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, batching):
     args = ("--eval_split", "", "--save_total_limit", "5", *batching)
     assert finetune.main(tiny_args(straight, *args, steps=12)) == 0
 
-    original = finetune.SlamASRTrainer.training_step
+    original = SlamASRTrainer.training_step
 
     def crash_after_checkpoint(self, *a, **kw):
         if self.state.global_step == 6:
             raise KeyboardInterrupt("killed")  # a hard stop two steps after checkpoint-4
         return original(self, *a, **kw)
 
-    monkeypatch.setattr(finetune.SlamASRTrainer, "training_step", crash_after_checkpoint)
+    monkeypatch.setattr(SlamASRTrainer, "training_step", crash_after_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(tiny_args(resumed, *args, steps=12))
-    monkeypatch.setattr(finetune.SlamASRTrainer, "training_step", original)
+    monkeypatch.setattr(SlamASRTrainer, "training_step", original)
     assert finetune.main(tiny_args(resumed, *args, "--resume_from_checkpoint", "last", steps=12)) == 0
     a, b = adapter_weights(straight), adapter_weights(resumed)
     for k in a:
@@ -139,7 +140,7 @@ def test_signal_saves_checkpoint_and_says_how_to_resume(tmp_path, sig):
     watchdog.cancel()
     assert proc.returncode == 128 + sig, output[-3000:]
     assert "--resume_from_checkpoint last" in output
-    complete, torn = finetune.find_checkpoints(str(out))
+    complete, torn = find_checkpoints(str(out))
     assert complete and not torn
     SlamASR.load_adapter(complete[-1])
 
@@ -195,7 +196,7 @@ def test_streaming_refuses_what_needs_an_index():
         finetune.parse_args([*base, "--dataset_name", "d", "--group_by_length", "--max_steps", "5"])
     with pytest.raises(ValueError, match="set --max_steps"):
         finetune.parse_args([*base, "--dataset_name", "d"])
-    assert finetune.parse_args([*base, "--dataset_name", "d", "--max_steps", "5", "--eval_split", ""])[1].streaming
+    assert finetune.parse_args([*base, "--dataset_name", "d", "--max_steps", "5", "--eval_split", ""])[2].streaming
 
 
 def test_two_process_streaming_run(tmp_path, hub_copy):
@@ -230,7 +231,7 @@ def test_deepspeed_zero2_checkpoints_hold_no_frozen_weights_and_resume(tmp_path)
     for step in (4, 6):
         module_states = out / f"checkpoint-{step}" / f"global_step{step}" / "mp_rank_00_model_states.pt"
         assert module_states.stat().st_size < frozen_bytes / 2  # the adapter's tensors, not the backbones'
-        assert (out / f"checkpoint-{step}" / finetune.COMPLETE_MARKER).is_file()
+        assert (out / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
 
 
@@ -244,8 +245,8 @@ def test_script_sh_launches_a_valid_command(tmp_path):
     args = (tmp_path / "args.accelerate").read_text().splitlines()
     assert args[:5] == ["launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision"]
     script_args = args[args.index("finetune.py") + 1:]
-    model_args, data_args, training_args = finetune.parse_args(script_args)
-    assert model_args.encoder == "facebook/hubert-large-ls960-ft" and training_args.fp16
+    config, _, data_args, training_args = finetune.parse_args(script_args)
+    assert config.encoder == "facebook/hubert-large-ls960-ft" and training_args.fp16
     assert training_args.max_steps == 5 and training_args.gradient_accumulation_steps == 2
     assert training_args.train_sampling_strategy == "group_by_length"
     assert data_args.dataset_name == "openslr/librispeech_asr" and not data_args.preprocessing_only
@@ -261,7 +262,7 @@ def test_preprocessing_only_prepares_the_data_and_exits(tmp_path, hub_copy, capl
         assert finetune.main(tiny_args(out, "--preprocessing_only", "--max_eval_samples", "3",
                                        source=hub_source(hub_copy))) == 0
     assert "train: 8 clips" in caplog.text and "exiting before training" in caplog.text
-    assert not finetune.find_checkpoints(str(out))[0] and not (out / WEIGHTS_NAME).exists()
+    assert not find_checkpoints(str(out))[0] and not (out / WEIGHTS_NAME).exists()
 
 
 def test_flags_that_would_do_nothing_are_refused():
@@ -299,3 +300,28 @@ def test_unreachable_backbone_says_how_to_use_a_local_copy():
     from model import SlamASRConfig
     with pytest.raises(OSError, match="(?s)could not load the speech encoder 'nobody/no-such-model'.*local folder"):
         SlamASR.from_config(SlamASRConfig(encoder="nobody/no-such-model", llm="tiny"))
+
+
+def test_push_to_hub_publishes_the_adapter_with_a_model_card(tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.update(repo=repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, repo_id, folder_path, **kw: calls.update(upload=(repo_id, folder_path)))
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--push_to_hub", "--hub_model_id", "someone/slam-asr-tiny", steps=4)) == 0
+    assert calls["repo"] == "someone/slam-asr-tiny" and calls["upload"][0] == "someone/slam-asr-tiny"
+    folder = calls["upload"][1]
+    assert sorted(os.listdir(folder)) == sorted(["README.md", "adapter.safetensors", "slam_asr_config.json",
+                                                 "prompt_ids.json", "generation_config.json"])
+    card = open(os.path.join(folder, "README.md")).read()
+    wer = json.loads((out / "eval_results.json").read_text())["eval_wer"]
+    for expected in ("base_model:\n- tiny\n- tiny", "4 steps", "LibriSpeech train-clean-100", f"WER **{100 * wer:.2f}%**",
+                     "greedy, whisper normalizer", "<|assistant|>", 'SlamASR.load_adapter("someone/slam-asr-tiny")'):
+        assert expected in card, expected
+    assert SlamASR.load_adapter(folder).config == SlamASR.load_adapter(out).config
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--push_to_hub"])
+    with pytest.raises(ValueError, match="--hub_strategy"):
+        finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--push_to_hub", "--hub_model_id", "a/b",
+                             "--hub_strategy", "checkpoint"])
