@@ -13,7 +13,8 @@ import torch
 from test_finetune import run_script, tiny_args
 
 import finetune
-from trainer import SlamASRTrainer, checkpoint_problem, find_checkpoints, hold_output_dir, resolve_resume
+import trainer
+from trainer import SlamASRTrainer, checkpoint_problem, find_checkpoints, resolve_resume
 
 NO_EVAL = ("--eval_split", "")
 
@@ -33,7 +34,7 @@ def copy_of(trained, tmp_path):
 
 def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_frees_it(tmp_path):
     out = tmp_path / "out"
-    holder = run_script([sys.executable, "-c", "import sys, time, finetune\n"
+    holder = run_script([sys.executable, "-c", "import sys, time\nfrom trainer import hold_output_dir\n"
                          "with hold_output_dir(sys.argv[1]):\n"
                          "    print('held', flush=True)\n"
                          "    time.sleep(300)", str(out)])
@@ -48,8 +49,8 @@ def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_free
 
 
 def killed_at_step(monkeypatch, name, step):
-    """Makes finetune.<name> (a SlamASRTrainer method, or a module function) raise at `step`, as a kill would."""
-    owner = SlamASRTrainer if hasattr(SlamASRTrainer, name) else finetune
+    """Makes trainer.<name> (a SlamASRTrainer method, or a module function) raise at `step`, as a kill would."""
+    owner = SlamASRTrainer if hasattr(SlamASRTrainer, name) else trainer
     original = getattr(owner, name)
 
     def killed(*args, **kwargs):
