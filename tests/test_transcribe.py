@@ -116,6 +116,8 @@ def test_manifest_and_over_long_audio(adapter_dir, tmp_path, capsys):
     ("negative batch", ["--batch_size", "-1", "--overwrite"], "--batch_size must be at least 1"),
     ("no tokens", ["--max_new_tokens", "0", "--overwrite"], "--max_new_tokens must be at least 1"),
     ("no beams", ["--num_beams", "0", "--overwrite"], "--num_beams must be at least 1"),
+    ("tiny windows", ["--chunk_seconds", "0.5", "--overwrite"], "--chunk_seconds must be at least 1 second"),
+    ("no duration", ["--max_duration", "0", "--overwrite"], "--max_duration must be a positive number"),
     ("output is the manifest", ["--output", "{manifest}", "--overwrite"], "is one of the inputs"),
     ("no such folder", ["--output", "{tmp}/nowhere/o.jsonl"], "nowhere does not exist"),
     ("output is a folder", ["--output", "{tmp}"], "is a folder"),
