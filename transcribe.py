@@ -193,8 +193,8 @@ def transcribe_records(model, records, batch_size, max_duration=None, chunk_seco
     Clips and windows go through one queue, longest first, so that batches hold similar lengths; a long input
     waits in it with the length of its shortest full window (chunk_seconds - data.CUT_SEARCH_SECONDS), and is
     read and cut only when that comes up: its windows are then queued by their own lengths. So a long file is
-    read once, and its audio is held only until its windows are decoded (mostly by the next batches; the short
-    last window waits for the clips of its length), never every long file at once."""
+    read once, and its audio is held only until its windows are decoded (mostly by the next batches; the last
+    window, often short, waits for the clips of its length), never every long file at once."""
     for r in records:
         try:
             r["duration"] = data.audio_duration(r["audio"])
@@ -210,11 +210,14 @@ def transcribe_records(model, records, batch_size, max_duration=None, chunk_seco
     rate = model.sampling_rate
     # (-seconds, order, clip): a clip is {"input": record}, read when batched, or a long input's window
     # {"input", "window": index, "audio"}; the order number keeps ties in input order
-    queue = [(-min(r["duration"], max(chunk_seconds - data.CUT_SEARCH_SECONDS, 0)), i, {"input": r})
+    waits_as = max(chunk_seconds - data.CUT_SEARCH_SECONDS, 0)  # a long input's place: its shortest full window
+    queue = [(-(r["duration"] if r["duration"] <= chunk_seconds else waits_as), i, {"input": r})
              for i, r in enumerate(todo)]
     heapq.heapify(queue)
     order = itertools.count(len(queue))
-    load = lambda clip: clip["audio"] if "window" in clip else data.read_audio(clip["input"]["audio"], rate)  # noqa
+    def load(clip):
+        return clip["audio"] if "window" in clip else data.read_audio(clip["input"]["audio"], rate)
+
     with tqdm(total=len(todo), desc="transcribing", unit="input", disable=not todo) as bar:
         while queue:
             batch, finished = [], []
@@ -233,9 +236,13 @@ def transcribe_records(model, records, batch_size, max_duration=None, chunk_seco
                 cuts = data.quiet_cuts(audio, rate, chunk_seconds)
                 r["windows"] = [None] * len(cuts)  # their texts, as they come
                 r["cuts"] = [round(end / rate, 2) for _, end in cuts[:-1]]
-                for k, (start, end) in enumerate(cuts):  # copies: the whole file is not kept for a short last window
-                    window = {"input": r, "window": k, "audio": audio[start:end].copy()}
+                for k, (start, end) in enumerate(cuts):
+                    # views of the file's audio, freed with the full windows in the next batches; the last window
+                    # is copied, as it may wait for the short clips and should not keep the whole file meanwhile
+                    samples = audio[start:end] if k < len(cuts) - 1 else audio[start:end].copy()
+                    window = {"input": r, "window": k, "audio": samples}
                     heapq.heappush(queue, (-(end - start) / rate, next(order), window))
+                del audio  # from here only its windows hold it
             loaded, audios, bad = data.load_clips(load, batch)
             for clip, reason in bad:  # only inputs read here: windows are in memory already
                 clip["input"]["error"] = reason

@@ -270,8 +270,8 @@ def test_quiet_cuts_fall_in_the_pauses_and_tile_the_audio():
     assert len(short) == 2 and short[-1][1] - short[-1][0] >= data.MIN_AUDIO_SAMPLES and short[-1][1] == 30 * rate + 10
     assert data.quiet_cuts(audio[:30 * rate], rate, max_seconds=30) == [(0, 30 * rate)]  # not over: not cut
     quiet = np.zeros(70 * rate, np.float32)  # all silence: cut in the middle of each search stretch
-    assert data.quiet_cuts(quiet, rate, max_seconds=30, search_seconds=5) == [(0, 27.5 * rate), (27.5 * rate, 55 * rate),
-                                                                              (55 * rate, 70 * rate)]
+    assert data.quiet_cuts(quiet, rate, max_seconds=30, search_seconds=5) == [
+        (0, 27.5 * rate), (27.5 * rate, 55 * rate), (55 * rate, 70 * rate)]
 
 
 @pytest.fixture(scope="module")
