@@ -164,7 +164,8 @@ def load_clips(load, records):
 
 
 def clip_batches(records, load, batch_size, desc, disable=False):
-    """The one way inference reads its clips (the feature cache fill, the eval WER, transcribe.py): `records`,
+    """How inference reads its clips (the feature cache fill, the eval WER; transcribe.py, whose queue also holds
+    the windows of long inputs, calls load_clips per batch itself): `records`,
     in the caller's order, in batches of `batch_size`, each as `load_clips` gives it, under a progress bar."""
     with tqdm(total=len(records), desc=desc, unit="clip", disable=disable or not records) as bar:
         for start in range(0, len(records), batch_size):
@@ -190,6 +191,40 @@ def audio_duration(source):
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         raise DataError(f"{name}: cannot read audio ({e})") from None
     return info.frames / info.samplerate
+
+
+CUT_SEARCH_SECONDS = 5.0  # a long recording is cut at the quietest point in this last stretch of each window
+
+
+def quiet_cuts(audio, sampling_rate=SAMPLE_RATE, max_seconds=30.0, search_seconds=CUT_SEARCH_SECONDS):
+    """Where to cut a long recording into windows for the encoder: [(start, end)] sample ranges that cover
+    `audio` exactly once, in order, none longer than `max_seconds`. Each window ends at the quietest 25 ms frame
+    (lowest mean square, the frame centred on the cut) in its last `search_seconds`, so that a cut falls
+    between words where the recording has a pause; in a run of equally quiet frames (digital silence) it falls
+    in the middle of the run. No window is shorter than the encoder's minimum (MIN_AUDIO_SAMPLES): the last cut
+    is searched only where it leaves that much after it."""
+    n = len(audio)
+    min_len = MIN_AUDIO_SAMPLES * sampling_rate // SAMPLE_RATE  # also the frame: the encoder's own 25 ms
+    max_len = int(max_seconds * sampling_rate)
+    if max_len < 2 * min_len:
+        raise ValueError(f"max_seconds={max_seconds} is too short: a window must hold two encoder frames")
+    half = min_len // 2
+    cuts, start = [], 0
+    while n - start > max_len:
+        hi = min(start + max_len, n - min_len)  # the window and what is left both long enough
+        lo = min(max(start + min_len, start + max_len - int(search_seconds * sampling_rate)), hi)
+        # the frame centred on each candidate cut c in [lo, hi] is audio[c - half : c - half + min_len], inside
+        # the audio because lo >= min_len and hi <= n - min_len; running sums over this stretch only (float64 over
+        # an hour's samples would be half a gigabyte)
+        stretch = audio[lo - half: hi - half + min_len].astype(np.float64)
+        squares = np.concatenate([[0.0], np.cumsum(stretch * stretch)])  # (hi - lo + min_len + 1,)
+        energy = squares[min_len:] - squares[:-min_len]  # (hi - lo + 1,): the frame centred on lo, lo + 1, ...
+        best = int(np.argmin(energy))
+        run = int(np.argmax(energy[best:] > energy[best])) or len(energy) - best  # equally quiet frames from best
+        cut = lo + best + run // 2
+        cuts.append((start, cut))
+        start = cut
+    return cuts + [(start, n)]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,22 +7,29 @@ Batch inference with a trained adapter, and WER when references are known.
     python transcribe.py --rescore out/slam-asr/predictions_step2000.jsonl --normalizer simple   # no decoding
 
 One JSON line per input: {"path", "text"} (plus "reference" when known), or {"path", "error"} for an input
-that cannot be transcribed. A bad file never stops the run; the summary says how many failed.
+that cannot be transcribed. A bad file never stops the run; the summary says how many failed. An input longer
+than --chunk_seconds is cut into windows at quiet points, which are transcribed in the batches of the other
+clips and joined into its one line, with the "cuts" (seconds) where it was cut. --max_duration, when given,
+makes longer inputs error lines.
 
-Each line is written (and flushed) as its batch finishes, so a crash or a kill keeps what was done, in the order
-it was done: unreadable inputs first, then longest to shortest. A run that finishes rewrites --output in input
-order (atomically). `--resume` skips the inputs whose path already has a line in --output and appends the rest;
-an existing non-empty --output is refused without --resume or --overwrite. The summary and WER count every
-line in --output, resumed ones included.
+Each line is written (and flushed) as its batch finishes (a long input's when its last window does), so a crash
+or a kill keeps what was done, in the order it was done: unreadable inputs first, then roughly longest to
+shortest. A run that finishes rewrites --output in input order (atomically). `--resume` skips the inputs whose
+path already has a line in --output and appends the rest; an existing non-empty --output is refused without
+--resume or --overwrite. The summary and WER count every line in --output, resumed ones included; a long
+input is one utterance.
 """
 
 import argparse
+import heapq
+import itertools
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import data
 from backbones import load_backbones
@@ -76,8 +83,11 @@ def parse_args(argv=None):
     p.add_argument("--num_beams", type=int, help="1 = greedy (default: the adapter's generation_config.json, 1)")
     p.add_argument("--max_new_tokens_per_second", type=float,
                    help="new tokens allowed per second of audio, plus 10 (default: the adapter's, 15); 0 = no bound")
-    p.add_argument("--max_duration", type=float, default=60.0,
-                   help="inputs longer than this (seconds) are reported as errors, never silently cut")
+    p.add_argument("--chunk_seconds", type=float, default=30.0,
+                   help="inputs longer than this (seconds) are cut into windows of at most this length, each at the "
+                        "quietest point of its last 5 s, transcribed with the other clips and joined into one line")
+    p.add_argument("--max_duration", type=float, default=None,
+                   help="inputs longer than this (seconds) are reported as errors, not transcribed (default: no limit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="backbone dtype (default: float16 on CUDA, float32 otherwise)")
@@ -91,8 +101,10 @@ def parse_args(argv=None):
     for name in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if not args.max_duration > 0:
+    if args.max_duration is not None and not args.max_duration > 0:
         p.error(f"--max_duration must be a positive number of seconds (got {args.max_duration})")
+    if not 1 <= args.chunk_seconds < float("inf"):
+        p.error(f"--chunk_seconds must be at least 1 second (got {args.chunk_seconds})")
     problem = output_problem(args)
     if problem:
         p.error(problem)
@@ -172,35 +184,89 @@ def decoding(args, model=None):
     return "greedy" if beams == 1 else f"beam search, {beams} beams"
 
 
-def transcribe_records(model, records, batch_size, max_duration):
-    """Yields lists of finished records, each with its "hypothesis" or "error": first the inputs that cannot be
-    read or are too long, then each batch as it is done. Longest first, so that batches hold similar lengths."""
+def transcribe_records(model, records, batch_size, max_duration=None, chunk_seconds=30.0):
+    """Yields lists of finished records, each with its "hypothesis" or "error": first the inputs whose header
+    cannot be read or that are over max_duration, then, batch by batch, the inputs that batch finished.
+
+    An input longer than chunk_seconds is transcribed as windows cut at quiet points (data.quiet_cuts); its
+    hypothesis is theirs joined in order, and it is finished (its line written) only when its last window is.
+    Clips and windows go through one queue, longest first, so that batches hold similar lengths; a long input
+    waits in it with the length of its shortest full window (chunk_seconds - data.CUT_SEARCH_SECONDS), and is
+    read and cut only when that comes up: its windows are then queued by their own lengths. So a long file is
+    read once, and its audio is held only until its windows are decoded (mostly by the next batches; the last
+    window, often short, waits for the clips of its length), never every long file at once."""
     for r in records:
         try:
             r["duration"] = data.audio_duration(r["audio"])
         except data.DataError as e:
             r["error"] = str(e)
         else:
-            if r["duration"] > max_duration:
-                r["error"] = f"{r['duration']:.1f} s is longer than --max_duration {max_duration:g} s; split it first"
+            if max_duration is not None and r["duration"] > max_duration:
+                r["error"] = f"{r['duration']:.1f} s is longer than --max_duration {max_duration:g} s"
     failed = [r for r in records if "error" in r]
     if failed:
         yield failed
-    todo = sorted((r for r in records if "error" not in r), key=lambda r: r["duration"], reverse=True)
-    load = lambda r: data.read_audio(r["audio"], model.sampling_rate)  # noqa: E731
-    for batch, audios, bad in data.clip_batches(todo, load, batch_size, "transcribing"):
-        for r, reason in bad:
-            r["error"] = reason
-        if audios:
-            texts = model.generate(**model.processor(audios=audios).to(model.device))
-            for r, text in zip(batch, texts):
-                r["hypothesis"] = text
-        yield batch + [r for r, _ in bad]
+    todo = [r for r in records if "error" not in r]
+    rate = model.sampling_rate
+    # (-seconds, order, clip): a clip is {"input": record}, read when batched, or a long input's window
+    # {"input", "window": index, "audio"}; the order number keeps ties in input order
+    waits_as = max(chunk_seconds - data.CUT_SEARCH_SECONDS, 0)  # a long input's place: its shortest full window
+    queue = [(-(r["duration"] if r["duration"] <= chunk_seconds else waits_as), i, {"input": r})
+             for i, r in enumerate(todo)]
+    heapq.heapify(queue)
+    order = itertools.count(len(queue))
+    def load(clip):
+        return clip["audio"] if "window" in clip else data.read_audio(clip["input"]["audio"], rate)
+
+    with tqdm(total=len(todo), desc="transcribing", unit="input", disable=not todo) as bar:
+        while queue:
+            batch, finished = [], []
+            while queue and len(batch) < batch_size:
+                clip = heapq.heappop(queue)[2]
+                r = clip["input"]
+                if "window" in clip or r["duration"] <= chunk_seconds:
+                    batch.append(clip)
+                    continue
+                try:  # a long input's turn: read it once, queue its windows
+                    audio = data.read_audio(r["audio"], rate)
+                except data.DataError as e:
+                    r["error"] = str(e)
+                    finished.append(r)
+                    continue
+                cuts = data.quiet_cuts(audio, rate, chunk_seconds)
+                r["windows"] = [None] * len(cuts)  # their texts, as they come
+                r["cuts"] = [round(end / rate, 2) for _, end in cuts[:-1]]
+                for k, (start, end) in enumerate(cuts):
+                    # views of the file's audio, freed with the full windows in the next batches; the last window
+                    # is copied, as it may wait for the short clips and should not keep the whole file meanwhile
+                    samples = audio[start:end] if k < len(cuts) - 1 else audio[start:end].copy()
+                    window = {"input": r, "window": k, "audio": samples}
+                    heapq.heappush(queue, (-(end - start) / rate, next(order), window))
+                del audio  # from here only its windows hold it
+            loaded, audios, bad = data.load_clips(load, batch)
+            for clip, reason in bad:  # only inputs read here: windows are in memory already
+                clip["input"]["error"] = reason
+                finished.append(clip["input"])
+            texts = model.generate(**model.processor(audios=audios).to(model.device)) if audios else []
+            for clip, text in zip(loaded, texts):
+                r = clip["input"]
+                if "window" not in clip:
+                    r["hypothesis"] = text
+                    finished.append(r)
+                    continue
+                r["windows"][clip["window"]] = text
+                if all(t is not None for t in r["windows"]):
+                    r["hypothesis"] = " ".join(t for t in r.pop("windows") if t)  # a silent window gives ""
+                    finished.append(r)
+            bar.update(len(finished))
+            yield finished
 
 
 def output_row(record):
     row = {"path": record["audio"]}
     row.update({"text": record["hypothesis"]} if "hypothesis" in record else {"error": record["error"]})
+    if record.get("cuts") and "hypothesis" in record:
+        row["cuts"] = record["cuts"]  # seconds at which a long input was cut into windows
     if "text" in record:
         row["reference"] = record["text"]
     return row
@@ -266,7 +332,7 @@ def main(argv=None):
         model = load_model(args)
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
         try:
-            for finished in transcribe_records(model, todo, args.batch_size, args.max_duration):
+            for finished in transcribe_records(model, todo, args.batch_size, args.max_duration, args.chunk_seconds):
                 for r in finished:
                     rows.append(output_row(r))
                     out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
