@@ -86,6 +86,9 @@ class Wav2Vec2Family:
         # (the large ones) need one. The feature extractor's config says which, as Hugging Face documents.
         self.takes_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
         self.clip_by_clip = self.takes_mask and encoder.config.model_type in self.PADDING_LEAKS
+        # whether a clip's frames are the same in a padded batch as alone (SlamASR.encode runs clip_by_clip ones
+        # alone): then feature caching may batch clips
+        self.batches_exactly = self.takes_mask
 
     @property
     def frame_rate(self):
@@ -128,7 +131,8 @@ class WhisperEncoderKind:
 
     input_name = "input_features"
     takes_mask = False  # Whisper has none: it was trained on 30 s windows padded with silence
-    clip_by_clip = False  # each clip is padded to the window, in a batch or alone: the same input either way
+    clip_by_clip = False
+    batches_exactly = True  # each clip is padded to the window, in a batch or alone: the same input either way
 
     def __init__(self, encoder, feature_extractor):
         self.encoder = encoder

@@ -247,7 +247,7 @@ def main(argv=None):
                 sync(device)
                 start = time.perf_counter()
                 with torch.autocast(device.type, dtype=half, enabled=use_half):
-                    cache.fill(model.encode_audio, ds, batch_size=batch_size, batched=model.encoder_takes_mask)
+                    cache.fill(model.encode_audio, ds, batch_size=batch_size, batched=model.encoder_batches_exactly)
                 sync(device)
                 fill_speed[dtype] = sum(ds.durations) / (time.perf_counter() - start)
                 caches[dtype] = cache.load_index()

@@ -267,6 +267,7 @@ class SlamASR(nn.Module):
         # what the encoder takes and how many frames it gives a clip: the wav2vec2 family's or Whisper's way
         self.encoder_kind = encoder_kind(encoder, feature_extractor)
         self.encoder_takes_mask = self.encoder_kind.takes_mask
+        self.encoder_batches_exactly = self.encoder_kind.batches_exactly  # may the feature cache batch clips
         # The naive reference in bench.py turns this off to price the LM head over every position.
         self.head_on_targets_only = True
 

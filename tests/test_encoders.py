@@ -74,6 +74,7 @@ def test_each_kind_loads_by_path_with_its_own_input_and_50_hz(encoder_dirs, kind
     assert model.processor.input_name == ("input_features" if kind == "whisper" else "input_values")
     assert model.frame_rate == 50.0
     assert model.encoder_takes_mask == (kind != "whisper")
+    assert model.encoder_batches_exactly  # so the feature cache may batch clips (Whisper's too)
 
 
 def test_whisper_keeps_the_checkpoints_encoder_weights_and_no_decoder(encoder_dirs):
