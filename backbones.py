@@ -64,19 +64,17 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Speech encoder kinds: what the processor's audio batch is called, how the encoder takes it, how many frames
-# each clip gets and what that costs. A new kind is one class and one line in encoder_kind.
+# Speech encoder kinds: how the encoder takes the processor's audio batch, how many frames each clip gets,
+# whether padding reaches them, and what they cost. A new kind is one class and one line in encoder_kind.
 
 
 class Wav2Vec2Family:
     """HuBERT, WavLM, wav2vec2, data2vec-audio (AutoModel): the zero-padded waveform (B, N) in, a strided conv
     front end, one frame per sampling_rate / prod(conv_stride) samples (50 Hz) out."""
 
-    input_name = "input_values"
-    max_samples = None  # any length
     # data2vec-audio's positional embedding is a stack of convolutions, and the padding is zeroed only before the
-    # first: past it the padding holds values, and a clip's last frames differ padded and alone (measured: up
-    # to 1.4 on frames of mean magnitude 0.8). Such an encoder sees each clip alone.
+    # first: past it the padding holds values, and a clip's last frames differ padded and alone (measured on a
+    # small random one: up to 1.4 on frames of mean magnitude 0.8). Such an encoder sees each clip alone.
     PADDING_LEAKS = ("data2vec-audio",)
 
     def __init__(self, encoder, feature_extractor):
@@ -129,7 +127,6 @@ class WhisperEncoderKind:
     (the second of stride 2: 100 Hz mel -> 50 Hz), 1500 frames out whatever the clip's length. A clip's own
     frames are the first ceil(ceil(samples / hop) / 2); those past its end are cut by its frame length."""
 
-    input_name = "input_features"
     takes_mask = False  # Whisper has none: it was trained on 30 s windows padded with silence
     clip_by_clip = False
     batches_exactly = True  # each clip is padded to the window, in a batch or alone: the same input either way
@@ -138,7 +135,6 @@ class WhisperEncoderKind:
         self.encoder = encoder
         self.sampling_rate = feature_extractor.sampling_rate
         self.hop_length = feature_extractor.hop_length
-        self.max_samples = feature_extractor.n_samples  # the 30 s window
         self.stride = encoder.conv1.stride[0] * encoder.conv2.stride[0]
         self.window_frames = encoder.config.max_source_positions  # encoder frames per window, whatever the clip
         if feature_extractor.nb_max_frames != self.window_frames * self.stride:
