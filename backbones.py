@@ -1,10 +1,12 @@
 """
-The frozen backbones: loading them by hub name or local folder in the dtype asked for, and the tiny random
+The frozen backbones: loading them by hub name or local folder in the dtype asked for, what differs between
+the kinds of speech encoder (what they take, how many frames they give, what they cost), and the tiny random
 ones (a HubertModel, a LlamaForCausalLM, a BPE tokenizer trained offline) that tests, the demo and the
 benchmark use without a network.
 """
 
 import logging
+import math
 
 import torch
 
@@ -16,7 +18,7 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
     """(encoder, llm, tokenizer, feature_extractor) for the names in `config`; "tiny" builds them offline.
     Both backbones run in `torch_dtype`, float32 when None: whatever dtype a checkpoint was saved in
     (TinyLlama's hub weights are bfloat16), a float32 run gets float32 backbones."""
-    from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     tiny = tiny_backbones() if TINY in (config.encoder, config.llm) else None
 
@@ -33,7 +35,20 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
     if config.encoder == TINY:
         encoder, feature_extractor = tiny[0], tiny[3]
     else:
-        encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained, dtype=torch_dtype or torch.float32)
+        model_type = load("speech encoder's config", config.encoder, AutoConfig.from_pretrained).model_type
+        if model_type == "whisper":
+            # A Whisper checkpoint is the whole encoder-decoder (AutoModel would give both): keep the encoder.
+            # WhisperEncoder.from_pretrained would not find the checkpoint's "model.encoder." weights and would
+            # start from random ones, so the whole model is loaded and its decoder let go.
+            from transformers import WhisperModel
+
+            whisper = load("speech encoder", config.encoder, WhisperModel.from_pretrained,
+                           dtype=torch_dtype or torch.float32)
+            encoder = whisper.get_encoder()
+            del whisper
+        else:
+            encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained,
+                           dtype=torch_dtype or torch.float32)
         feature_extractor = load("feature extractor", config.encoder, AutoFeatureExtractor.from_pretrained)
     if config.llm == TINY:
         llm, tokenizer = tiny[1], tiny[2]
@@ -46,6 +61,137 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
     logger.info(f"speech encoder {config.encoder!r} runs in {torch_dtype}, LLM {config.llm!r} in {torch_dtype}; "
                 "the adapter trains in float32")
     return encoder, llm, tokenizer, feature_extractor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Speech encoder kinds: how the encoder takes the processor's audio batch, how many frames each clip gets,
+# whether padding reaches them, and what they cost. A new kind is one class and one line in encoder_kind.
+
+
+class Wav2Vec2Family:
+    """HuBERT, WavLM, wav2vec2, data2vec-audio (AutoModel): the zero-padded waveform (B, N) in, a strided conv
+    front end, one frame per sampling_rate / prod(conv_stride) samples (50 Hz) out."""
+
+    # data2vec-audio's positional embedding is a stack of convolutions, and the padding is zeroed only before the
+    # first: past it the padding holds values, and a clip's last frames differ padded and alone (measured on a
+    # small random one: up to 1.4 on frames of mean magnitude 0.8). Such an encoder sees each clip alone.
+    PADDING_LEAKS = ("data2vec-audio",)
+
+    def __init__(self, encoder, feature_extractor):
+        self.encoder = encoder
+        self.sampling_rate = feature_extractor.sampling_rate
+        # Group-norm models (the base ones) were trained on zero-padded audio without a mask; layer-norm models
+        # (the large ones) need one. The feature extractor's config says which, as Hugging Face documents.
+        self.takes_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+        self.clip_by_clip = self.takes_mask and encoder.config.model_type in self.PADDING_LEAKS
+        # whether a clip's frames are the same in a padded batch as alone (SlamASR.encode runs clip_by_clip ones
+        # alone): then feature caching may batch clips
+        self.batches_exactly = self.takes_mask
+
+    @property
+    def frame_rate(self):
+        return self.sampling_rate / math.prod(self.encoder.config.conv_stride)
+
+    def frame_lengths(self, audio_lengths):
+        """Samples (B,) -> encoder frames (B,)."""
+        return self.encoder._get_feat_extract_output_lengths(audio_lengths)
+
+    def __call__(self, input_values, audio_lengths):
+        """(B, N) -> (B, T, d_enc), T = frame_lengths(N)."""
+        mask = None
+        if self.takes_mask:
+            mask = (torch.arange(input_values.shape[1], device=input_values.device)[None] < audio_lengths[:, None])
+            mask = mask.long()
+        return self.encoder(input_values, attention_mask=mask).last_hidden_state
+
+    def silent(self, input_values, audio_lengths):
+        """(B,) bools: clips that are digital silence (zeros, normalized or not)."""
+        inside = torch.arange(input_values.shape[1], device=input_values.device)[None] < audio_lengths[:, None]
+        return ((input_values.abs() > 1e-6) & inside).sum(dim=1) == 0
+
+    def flops(self, audio_seconds, clips=None):
+        """Forward FLOPs over `audio_seconds` of audio: 2 per parameter per frame past the conv front end, and
+        the front end's out_len * out_ch * in_ch * kernel multiply-adds per layer."""
+        config = self.encoder.config
+        params = sum(p.numel() for n, p in self.encoder.named_parameters() if "feature_extractor" not in n)
+        conv_flops, length, in_ch = 0.0, audio_seconds * self.sampling_rate, 1
+        for out_ch, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
+            length = length / stride
+            conv_flops += 2 * length * out_ch * in_ch * kernel
+            in_ch = out_ch
+        return 2 * params * audio_seconds * self.frame_rate + conv_flops
+
+
+class WhisperEncoderKind:
+    """Whisper's encoder: the log-mel (B, n_mels, 3000) of each clip padded to its 30 s window in, two convs
+    (the second of stride 2: 100 Hz mel -> 50 Hz), 1500 frames out whatever the clip's length. A clip's own
+    frames are the first ceil(ceil(samples / hop) / 2); those past its end are cut by its frame length."""
+
+    takes_mask = False  # Whisper has none: it was trained on 30 s windows padded with silence
+    clip_by_clip = False
+    batches_exactly = True  # each clip is padded to the window, in a batch or alone: the same input either way
+
+    def __init__(self, encoder, feature_extractor):
+        self.encoder = encoder
+        self.sampling_rate = feature_extractor.sampling_rate
+        self.hop_length = feature_extractor.hop_length
+        self.stride = encoder.conv1.stride[0] * encoder.conv2.stride[0]
+        self.window_frames = encoder.config.max_source_positions  # encoder frames per window, whatever the clip
+        if feature_extractor.nb_max_frames != self.window_frames * self.stride:
+            raise ValueError(
+                f"the Whisper feature extractor makes {feature_extractor.nb_max_frames} mel frames a window, its "
+                f"encoder takes exactly {self.window_frames * self.stride}: they come from different checkpoints; "
+                "load both from the same one")
+
+    @property
+    def frame_rate(self):
+        return self.sampling_rate / self.hop_length / self.stride
+
+    def frame_lengths(self, audio_lengths):
+        """Samples (B,) -> the clip's own encoder frames (B,): its mel frames (one every hop, the first at sample
+        0), halved by the strided conv."""
+        mel_lengths = -(-audio_lengths // self.hop_length)
+        return self.encoder._get_feat_extract_output_lengths(mel_lengths)
+
+    def __call__(self, input_features, audio_lengths):
+        """(B, n_mels, 3000) -> (B, 1500, d_enc)."""
+        return self.encoder(input_features).last_hidden_state
+
+    def silent(self, input_features, audio_lengths):
+        """(B,) bools: clips that are digital silence, whose log-mel is one value (the floor) over the clip."""
+        mel_lengths = -(-audio_lengths // self.hop_length)
+        inside = torch.arange(input_features.shape[2], device=input_features.device)[None] < mel_lengths[:, None]
+        inside = inside[:, None].expand_as(input_features)  # (B, n_mels, 3000)
+        high = input_features.masked_fill(~inside, -math.inf).amax(dim=(1, 2))
+        low = input_features.masked_fill(~inside, math.inf).amin(dim=(1, 2))
+        return high - low < 1e-6
+
+    def flops(self, audio_seconds, clips=None):
+        """Forward FLOPs of `clips` clips: each is a whole 30 s window (its two convs, then 2 per transformer
+        parameter per frame over all 1500 frames), however long the clip is."""
+        if clips is None:
+            raise ValueError("Whisper's encoder costs the same for every clip (its whole 30 s window): pass the "
+                             "number of clips (clips=...) to count its FLOPs")
+        convs = ("conv1", "conv2")
+        params = sum(p.numel() for n, p in self.encoder.named_parameters()
+                     if not n.startswith(convs + ("embed_positions",)))
+        conv_flops, length = 0.0, self.window_frames * self.stride
+        for conv in (self.encoder.conv1, self.encoder.conv2):
+            length = length / conv.stride[0]
+            conv_flops += 2 * length * conv.out_channels * conv.in_channels * conv.kernel_size[0]
+        return clips * (2 * params * self.window_frames + conv_flops)
+
+
+def encoder_kind(encoder, feature_extractor):
+    """The kind of `encoder`, read off its config: Whisper's encoder, or the wav2vec2 family (a conv front end on
+    the waveform)."""
+    if encoder.config.model_type == "whisper":
+        return WhisperEncoderKind(encoder, feature_extractor)
+    if hasattr(encoder.config, "conv_stride") and hasattr(encoder, "_get_feat_extract_output_lengths"):
+        return Wav2Vec2Family(encoder, feature_extractor)
+    raise ValueError(
+        f"speech encoder {type(encoder).__name__} (model_type {encoder.config.model_type!r}) is of no supported "
+        "kind: use HuBERT, WavLM, wav2vec2, data2vec-audio (a conv front end on the waveform) or Whisper")
 
 
 # TinyLlama-1.1B-Chat-v1.0's chat template (tokenizer_config.json), so that the tiny LLM chats like it

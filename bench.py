@@ -167,7 +167,7 @@ def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, l
         samples += len(chosen)
         speech = model.speech_lengths(torch.tensor([len(c["audio"]) for c in chosen])).sum().item()
         flops += model.flops_per_step(sum(durations), speech, len(chosen) * (P + Q), out.num_tokens.item(),
-                                      train_encoder=cache is None)
+                                      train_encoder=cache is None, clips=len(chosen))
     seconds = sum(split.values())
     return dict(config=name, audio_s_per_s=audio_seconds / seconds, samples_per_s=samples / seconds,
                 step_ms={k: 1000 * v / (len(batches) - warmup) for k, v in split.items()},
@@ -247,7 +247,7 @@ def main(argv=None):
                 sync(device)
                 start = time.perf_counter()
                 with torch.autocast(device.type, dtype=half, enabled=use_half):
-                    cache.fill(model.encode_audio, ds, batch_size=batch_size, batched=model.encoder_takes_mask)
+                    cache.fill(model.encode_audio, ds, batch_size=batch_size, batched=model.encoder_batches_exactly)
                 sync(device)
                 fill_speed[dtype] = sum(ds.durations) / (time.perf_counter() - start)
                 caches[dtype] = cache.load_index()

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000  # HuBERT's; every clip is resampled to the encoder's rate, which is this for all HuBERTs
+SAMPLE_RATE = 16000  # every clip is resampled to the encoder's rate: this for HuBERT, WavLM, wav2vec2, Whisper
 MIN_AUDIO_SAMPLES = 400  # HuBERT's conv front end sees 400 samples (25 ms) per frame: shorter clips give none
 MAX_REPLACEMENTS = 16  # consecutive bad clips tolerated while loading before the data is declared broken
 # a manifest "duration" further than this from the file's header says the line does not describe that file
@@ -549,8 +549,8 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
 
 class SpeechCollator:
     """Samples -> what SlamASR.forward takes, made by the processor (processor.SlamASRProcessor): input_values
-    and audio_lengths, or cached encoder_frames and frame_lengths; labels. Plus `data_stats` (DataStats.of_batch),
-    which the trainer pops before the forward and counts."""
+    (or Whisper's input_features) and audio_lengths, or cached encoder_frames and frame_lengths; labels. Plus
+    `data_stats` (DataStats.of_batch), which the trainer pops before the forward and counts."""
 
     def __init__(self, processor, max_target_tokens=None):
         self.processor = processor

@@ -352,9 +352,9 @@ def fill_feature_cache(model, train_dataset, data_args, training_args):
     cache = data.FeatureCache(data_args.feature_cache, model.config.encoder, model.sampling_rate,
                               model.encoder.config.hidden_size, next(model.encoder.parameters()).dtype)
     model.to(training_args.device)
-    # encoders that take no attention mask must see each clip unpadded
+    # encoders whose output a padded batch changes (no attention mask) see each clip alone
     failed = cache.fill(model.encode_audio, train_dataset, training_args.process_index, training_args.world_size,
-                        training_args.per_device_eval_batch_size, batched=model.encoder_takes_mask)
+                        training_args.per_device_eval_batch_size, batched=model.encoder_batches_exactly)
     if failed:
         logger.warning(f"feature cache: {len(failed)} clips could not be read and are left out, e.g. {failed[0]}")
     PartialState().wait_for_everyone()

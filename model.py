@@ -11,7 +11,6 @@ processor.py, the backbones from backbones.py; nothing here knows about files of
 import copy
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.utils import ModelOutput
 
-from backbones import load_backbones
+from backbones import encoder_kind, load_backbones
 from processor import PROMPT_IDS_NAME, SPEECH_PLACEHOLDER, SlamASRProcessor, chat_prompt_template, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -123,15 +122,16 @@ class SlamASRConfig:
     (each field's help is its --help) and saved with every adapter as slam_asr_config.json."""
 
     encoder: str = field(default="facebook/hubert-large-ls960-ft", metadata={
-        "help": "Speech encoder: hub name or local folder (HuBERT, or any AutoModel with its frame rate), or "
-                "'tiny' (random, offline)."})
+        "help": "Speech encoder: hub name or local folder of HuBERT, WavLM, wav2vec2, data2vec-audio or Whisper "
+                "(a whole Whisper checkpoint: its encoder is kept; clips of at most 30 s), or 'tiny' (random, "
+                "offline)."})
     llm: str = field(default="TinyLlama/TinyLlama-1.1B-Chat-v1.0", metadata={
         "help": "Causal LM: hub name or local folder, or 'tiny' (random, offline)."})
     adapter: str = field(default="linear", metadata={
         "help": "Adapter kind: 'linear' (frame stacking + MLP, the paper's), 'conv' (strided Conv1d + MLP), "
                 "'ultravox' (stacking, RMSNorm, SwiGLU).", "choices": list(ADAPTERS)})
     downsample: int = field(default=5, metadata={
-        "help": "Encoder frames per speech embedding (HuBERT's 50 Hz -> 10 Hz at 5)."})
+        "help": "Encoder frames per speech embedding (the encoders' 50 Hz -> 10 Hz at 5)."})
     adapter_hidden: int = field(default=2048, metadata={"help": "Width of the adapter's hidden layer."})
     prompt_template: str | None = field(default=None, metadata={
         "help": "The LLM's prompt, with exactly one <speech>; the transcript and EOS follow it. By default the "
@@ -238,6 +238,14 @@ def resolve_adapter_dir(name_or_path):
                       "given as a folder.") from None
 
 
+def _audio_batch(input_values, input_features):
+    """The processor's audio: the waveform (input_values, the wav2vec2 family) or log-mel (input_features,
+    Whisper), whichever the batch holds; None for cached encoder frames."""
+    if input_values is not None and input_features is not None:
+        raise ValueError("a batch holds input_values (waveform) or input_features (Whisper's log-mel), not both")
+    return input_values if input_values is not None else input_features
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The model
 
@@ -256,9 +264,10 @@ class SlamASR(nn.Module):
         self.processor = SlamASRProcessor(feature_extractor, tokenizer, config.prompt_template, prompt_ids)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
-        # Group-norm HuBERT (base) was trained on zero-padded audio without a mask; layer-norm HuBERT (large)
-        # needs one. The feature extractor's config says which, as Hugging Face documents.
-        self.encoder_takes_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+        # what the encoder takes and how many frames it gives a clip: the wav2vec2 family's or Whisper's way
+        self.encoder_kind = encoder_kind(encoder, feature_extractor)
+        self.encoder_takes_mask = self.encoder_kind.takes_mask
+        self.encoder_batches_exactly = self.encoder_kind.batches_exactly  # may the feature cache batch clips
         # The naive reference in bench.py turns this off to price the LM head over every position.
         self.head_on_targets_only = True
 
@@ -318,26 +327,29 @@ class SlamASR(nn.Module):
 
     @property
     def frame_rate(self):
-        """Encoder frames per second of audio (50 for HuBERT)."""
-        return self.sampling_rate / math.prod(self.encoder.config.conv_stride)
+        """Encoder frames per second of audio (50 for every encoder kind here)."""
+        return self.encoder_kind.frame_rate
 
     # --- waveform -> speech embeddings ------------------------------------------------------------------
 
     def speech_lengths(self, audio_lengths):
         """Exact number of speech embeddings per clip, from its true number of samples."""
-        return self.adapter.output_lengths(self.encoder._get_feat_extract_output_lengths(audio_lengths))
+        return self.adapter.output_lengths(self.encoder_kind.frame_lengths(audio_lengths))
 
-    def encode(self, input_values, audio_lengths):
-        """(B, N) zero-padded audio -> (encoder frames (B, T, d_enc), frame_lengths (B,))."""
-        frame_lengths = self.encoder._get_feat_extract_output_lengths(audio_lengths)
-        dtype = next(self.encoder.parameters()).dtype
-        mask = None
-        if self.encoder_takes_mask:
-            mask = (torch.arange(input_values.shape[1], device=input_values.device)[None] < audio_lengths[:, None])
-            mask = mask.long()
+    def encode(self, features, audio_lengths):
+        """The processor's audio batch -> (encoder frames (B, T, d_enc), frame_lengths (B,)), T = the longest
+        clip's frames. `features` is the zero-padded waveform (B, N) (input_values) or Whisper's log-mel
+        (B, n_mels, 3000) (input_features); `audio_lengths` (B,) each clip's samples."""
+        frame_lengths = self.encoder_kind.frame_lengths(audio_lengths)
+        features = features.to(next(self.encoder.parameters()).dtype)
         with torch.no_grad():
-            frames = self.encoder(input_values.to(dtype), attention_mask=mask).last_hidden_state  # (B, T, d_enc)
-        return frames, frame_lengths
+            if self.encoder_kind.clip_by_clip and len(features) > 1:  # padding would reach into its frames
+                alone = [self.encoder_kind(f[None, ..., :n], n[None]) for f, n in zip(features, audio_lengths)]
+                frames = torch.nn.utils.rnn.pad_sequence([f[0] for f in alone], batch_first=True)
+            else:
+                frames = self.encoder_kind(features, audio_lengths)  # (B, T', d_enc); Whisper's T' is 1500
+        # Whisper's frames past the longest clip are its window's padding: cut, as the adapter would mask them
+        return frames[:, : int(frame_lengths.max())], frame_lengths  # (B, T, d_enc)
 
     def encode_audio(self, audios):
         """List of 1-D arrays -> list of (T_i, d_enc) encoder outputs, each cut to its clip's own frames."""
@@ -391,11 +403,13 @@ class SlamASR(nn.Module):
 
     # --- loss ----------------------------------------------------------------------------------------------
 
-    def forward(self, input_values=None, audio_lengths=None, labels=None, encoder_frames=None, frame_lengths=None):
-        """Mean token loss over transcript + EOS. Takes raw audio (input_values, audio_lengths) or cached
-        encoder output (encoder_frames, frame_lengths), and labels as made by `SlamASRProcessor.labels`."""
+    def forward(self, input_values=None, audio_lengths=None, labels=None, encoder_frames=None, frame_lengths=None,
+                input_features=None):
+        """Mean token loss over transcript + EOS. Takes the processor's audio (input_values, or Whisper's
+        input_features, with audio_lengths) or cached encoder output (encoder_frames, frame_lengths), and labels
+        as made by `SlamASRProcessor.labels`."""
         if encoder_frames is None:
-            encoder_frames, frame_lengths = self.encode(input_values, audio_lengths)
+            encoder_frames, frame_lengths = self.encode(_audio_batch(input_values, input_features), audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
         inputs_embeds, attention_mask, targets = self.splice(speech_embeds, speech_lengths, labels)
         hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
@@ -414,9 +428,9 @@ class SlamASR(nn.Module):
 
     def loss(self, audios, texts):
         """Mean token loss of transcripts `texts` given `audios` (1-D float arrays at the encoder's rate)."""
-        input_values, audio_lengths = self.processor.audio(audios)
-        labels, _ = self.processor.labels(texts)
-        return self(input_values.to(self.device), audio_lengths.to(self.device), labels.to(self.device)).loss
+        batch = self.processor(audios=audios, texts=texts)
+        batch.pop("num_truncated")
+        return self(**batch.to(self.device)).loss
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -428,16 +442,15 @@ class SlamASR(nn.Module):
         texts = [None] * len(audios)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            input_values, audio_lengths = self.processor.audio([audios[i] for i in chunk])
-            batch_texts = self.generate(input_values.to(self.device), audio_lengths.to(self.device),
-                                        **generation_options)
+            batch = self.processor(audios=[audios[i] for i in chunk]).to(self.device)
+            batch_texts = self.generate(**batch, **generation_options)
             for i, text in zip(chunk, batch_texts):
                 texts[i] = text
         return texts
 
     @torch.no_grad()
     def generate(self, input_values=None, audio_lengths=None, encoder_frames=None, frame_lengths=None,
-                 generation_config=None, **generation_options):
+                 generation_config=None, input_features=None, **generation_options):
         """One padded batch (the processor's audio, or cached encoder frames) -> list of transcripts. Decodes
         with `generation_config` (this model's unless given) updated by `generation_options`, as HF generate
         does; stops at EOS, uses the KV cache, prompts left-padded. A clip of digital silence gives ""."""
@@ -446,8 +459,9 @@ class SlamASR(nn.Module):
         # ours, not the library's: taken off the config before it reaches the LLM's generate
         tokens_per_second = generation_config.__dict__.pop("max_new_tokens_per_second", None)
         stop_repeats = generation_config.__dict__.pop("stop_repeats", None)
+        features = _audio_batch(input_values, input_features)
         if encoder_frames is None:
-            encoder_frames, frame_lengths = self.encode(input_values, audio_lengths)
+            encoder_frames, frame_lengths = self.encode(features, audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
         inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, left_pad=True)
         seconds = frame_lengths.float() / self.frame_rate  # (B,)
@@ -457,9 +471,8 @@ class SlamASR(nn.Module):
                                 generation_config=generation_config, logits_processor=LogitsProcessorList([bound]))
         # (B, new tokens): with inputs_embeds only, generate returns just the continuation
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        if input_values is not None:  # silence gives zeros, normalized or not: nothing to transcribe
-            inside = torch.arange(input_values.shape[1], device=input_values.device)[None] < audio_lengths[:, None]
-            silent = ((input_values.abs() > 1e-6) & inside).sum(dim=1) == 0
+        if features is not None:  # digital silence: nothing to transcribe
+            silent = self.encoder_kind.silent(features, audio_lengths)
             texts = ["" if quiet else t for t, quiet in zip(texts, silent.tolist())]
         return texts
 
@@ -535,23 +548,16 @@ class SlamASR(nn.Module):
 
     # --- cost ----------------------------------------------------------------------------------------------
 
-    def flops_per_step(self, audio_seconds, speech_tokens, text_tokens, target_tokens, train_encoder=True):
+    def flops_per_step(self, audio_seconds, speech_tokens, text_tokens, target_tokens, train_encoder=True,
+                       clips=None):
         """Model FLOPs of one training step (forward + backward), nanoGPT style: 2 FLOPs per multiply-add per
         parameter per token, forward; backward through the LLM costs 2x its forward (activation gradients
         are needed to reach the adapter, weight gradients of frozen layers are not: 1x), adapter 3x.
         Attention score FLOPs are added for the LLM. `train_encoder=False` leaves out the encoder's forward
-        (feature cache)."""
-        enc = self.encoder.config
+        (feature cache). `clips`, the step's number of clips, is needed for Whisper, whose encoder runs each
+        clip's whole 30 s window."""
         llm = self.llm.config
-        frames = audio_seconds * self.sampling_rate / math.prod(enc.conv_stride)
-        enc_params = sum(p.numel() for n, p in self.encoder.named_parameters() if "feature_extractor" not in n)
-        # the conv front end: out_len * out_ch * in_ch * kernel multiply-adds per layer
-        conv_flops, length, in_ch = 0.0, audio_seconds * self.sampling_rate, 1
-        for out_ch, kernel, stride in zip(enc.conv_dim, enc.conv_kernel, enc.conv_stride):
-            length = length / stride
-            conv_flops += 2 * length * out_ch * in_ch * kernel
-            in_ch = out_ch
-        encoder_flops = (2 * enc_params * frames + conv_flops) if train_encoder else 0.0
+        encoder_flops = self.encoder_kind.flops(audio_seconds, clips) if train_encoder else 0.0
         adapter_flops = 3 * 2 * sum(p.numel() for p in self.adapter.parameters()) * speech_tokens
         tokens = speech_tokens + text_tokens + target_tokens
         body = sum(p.numel() for n, p in self.llm.get_decoder().named_parameters() if "embed" not in n)

@@ -1,7 +1,8 @@
 """
 The processor: what turns raw inputs into SlamASR's inputs, in one object, as Hugging Face's Wav2Vec2Processor,
 WhisperProcessor and Ultravox's UltravoxProcessor do: the prompt template and its exact token ids, audio to
-padded `input_values`, transcripts to labels, and the batch the collator returns.
+the encoder's input (padded `input_values`, or Whisper's log-mel `input_features`), transcripts to labels, and
+the batch the collator returns.
 
 The LLM reads [prefix ids] [speech embeddings] [suffix ids] [transcript ids] [EOS]. Each side of the speech is
 tokenized as the tokenizer tokenizes text: the prefix with the tokenizer's own special tokens (BOS for Llama),
@@ -78,6 +79,12 @@ class SlamASRProcessor:
 
     def __init__(self, feature_extractor, tokenizer, prompt_template, prompt_ids=None):
         self.feature_extractor = feature_extractor
+        # the audio's key in the batch, the feature extractor's own name for it: "input_values" (the wav2vec2
+        # family's waveform) or "input_features" (Whisper's log-mel)
+        self.input_name = feature_extractor.model_input_names[0]
+        # Whisper's encoder takes exactly one 30 s window (n_samples): shorter clips are padded to it, longer
+        # ones cannot be taken (its feature extractor would silently cut them)
+        self.max_samples = getattr(feature_extractor, "n_samples", None)
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
         self.prefix_text, self.suffix_text = prompt_template.split(SPEECH_PLACEHOLDER)
@@ -157,24 +164,36 @@ class SlamASRProcessor:
         return self.feature_extractor.sampling_rate
 
     def audio(self, audios):
-        """List of 1-D float arrays at the encoder's rate -> (input_values (B, N) zero-padded, audio_lengths (B,))."""
+        """List of 1-D float arrays at the encoder's rate -> (features, audio_lengths (B,) samples): features are
+        input_values (B, N) zero-padded to the longest clip, or Whisper's input_features (B, n_mels, 3000), the
+        log-mel of each clip padded to the 30 s window."""
+        audios = list(audios)
+        audio_lengths = torch.tensor([len(a) for a in audios])
+        if self.max_samples is not None and int(audio_lengths.max()) > self.max_samples:
+            too_long = [f"{n / self.sampling_rate:.1f} s" for n in audio_lengths.tolist() if n > self.max_samples]
+            raise ValueError(
+                f"clips of {', '.join(too_long)} are longer than the {self.max_samples / self.sampling_rate:g} s "
+                f"window of this encoder ({type(self.feature_extractor).__name__}: Whisper's encoder takes at most "
+                f"{self.max_samples / self.sampling_rate:g} s). Leave them out with --max_duration "
+                f"{self.max_samples / self.sampling_rate:g} (finetune.py, transcribe.py), or split them first.")
         # The attention mask is always asked for so that normalization sees each clip's own samples, never the
-        # padding; whether the encoder itself gets a mask is the model's business (see SlamASR.encode).
+        # padding; whether the encoder itself gets a mask is the model's business (see backbones.encoder_kind).
         features = self.feature_extractor(
-            list(audios), sampling_rate=self.sampling_rate, padding=True, return_attention_mask=True,
-            return_tensors="pt")
-        return features["input_values"].float(), features["attention_mask"].sum(dim=1)
+            audios, sampling_rate=self.sampling_rate, padding="max_length" if self.max_samples else True,
+            return_attention_mask=True, return_tensors="pt")
+        return features[self.input_name].float(), audio_lengths
 
     # --- the batch -------------------------------------------------------------------------------------------
 
     def __call__(self, audios=None, texts=None, max_target_tokens=None):
-        """Clips and/or transcripts -> a BatchFeature of input_values (B, N), audio_lengths (B,) and labels (B, T),
-        what SlamASR.forward and .generate take; `num_truncated` says how many transcripts were cut."""
+        """Clips and/or transcripts -> a BatchFeature of input_values (B, N) (or Whisper's input_features),
+        audio_lengths (B,) and labels (B, T), what SlamASR.forward and .generate take; `num_truncated` says how
+        many transcripts were cut."""
         from transformers import BatchFeature
 
         batch = {}
         if audios is not None:
-            batch["input_values"], batch["audio_lengths"] = self.audio(audios)
+            batch[self.input_name], batch["audio_lengths"] = self.audio(audios)
         if texts is not None:
             batch["labels"], batch["num_truncated"] = self.labels(texts, max_target_tokens)
         return BatchFeature(batch)

@@ -59,7 +59,7 @@ def real_config(backbone_dirs, **overrides):
 # --- 1. the dtype asked for, whatever the checkpoint's ---------------------------------------------------------
 
 def test_backbones_run_in_the_dtype_asked_for_not_the_checkpoints(backbone_dirs, caplog):
-    with caplog.at_level(logging.INFO, logger="model"):
+    with caplog.at_level(logging.INFO, logger="backbones"):
         model = SlamASR.from_config(real_config(backbone_dirs))
     assert {p.dtype for p in model.llm.parameters()} == {torch.float32}  # saved in bf16: not silently bf16
     assert {p.dtype for p in model.encoder.parameters()} == {torch.float32}
