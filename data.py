@@ -408,11 +408,16 @@ def drop_duplicate_ids(records, report):
     return kept
 
 
-def drop_reason(text, duration, min_duration=0.0, max_duration=float("inf")):
-    """Why a clip with this (normalized) transcript and duration is not trained on, or None to keep it."""
+def drop_reason(text, duration, min_duration=0.0, max_duration=float("inf"), special_tokens=()):
+    """Why a clip with this (normalized) transcript and duration is not trained on, or None to keep it.
+    `special_tokens`: the LLM's (processor.special_tokens); one written out in a transcript would be trained as
+    that token (a "</s>" as an EOS in mid-sentence)."""
     min_duration = max(min_duration, MIN_AUDIO_SAMPLES / SAMPLE_RATE)
     if not text:
         return "empty transcript"
+    special = next((t for t in special_tokens if t in text), None)
+    if special is not None:
+        return f"transcript holds the LLM's special token {special}"
     if not (math.isfinite(duration) and duration >= 0):  # NaN compares false with every bound below
         return "duration is not a finite number >= 0"
     if duration < min_duration:
@@ -422,12 +427,13 @@ def drop_reason(text, duration, min_duration=0.0, max_duration=float("inf")):
     return None
 
 
-def filter_records(records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True):
-    """Normalizes transcripts and drops empty ones and clips outside [min_duration, max_duration] seconds."""
+def filter_records(records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True, special_tokens=()):
+    """Normalizes transcripts and drops what drop_reason names: empty ones, ones holding the LLM's special
+    tokens, clips outside [min_duration, max_duration] seconds."""
     kept = []
     for r in records:
         text = normalize_transcript(r["text"], lowercase)
-        reason = drop_reason(text, r["duration"], min_duration, max_duration)
+        reason = drop_reason(text, r["duration"], min_duration, max_duration, special_tokens)
         if reason:
             report.add(reason, r["id"])
         else:
@@ -503,7 +509,8 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
     differ in length still take the same number of steps (a rank that ran dry would hang the others)."""
 
     def __init__(self, stream, rank=0, world=1, seed=0, shuffle_buffer=1000, min_duration=0.0,
-                 max_duration=float("inf"), lowercase=True, strict_data=False, sampling_rate=SAMPLE_RATE):
+                 max_duration=float("inf"), lowercase=True, strict_data=False, sampling_rate=SAMPLE_RATE,
+                 special_tokens=()):
         from datasets.distributed import split_dataset_by_node
 
         if shuffle_buffer > 0:  # the same seed on every rank: they must agree on the shard order to split it
@@ -514,6 +521,7 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
         self.lowercase = lowercase
         self.strict_data = strict_data
         self.sampling_rate = sampling_rate
+        self.special_tokens = special_tokens
 
     def __iter__(self):
         epoch = 0
@@ -530,7 +538,8 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
                     skip_bad_clip(row["id"], e, skipped, self.strict_data)
                     continue
                 text = normalize_transcript(row["text"], self.lowercase)
-                reason = drop_reason(text, len(samples) / self.sampling_rate, self.min_duration, self.max_duration)
+                reason = drop_reason(text, len(samples) / self.sampling_rate, self.min_duration, self.max_duration,
+                                     self.special_tokens)
                 if reason:
                     if self.strict_data:
                         raise DataError(f"{row['id']}: {reason} (--strict_data is on)")
@@ -611,11 +620,11 @@ class DataStats:
 
 
 def build_dataset(name, records, report, min_duration=0.0, max_duration=float("inf"), lowercase=True,
-                  hub_dataset=None, strict_data=False, sampling_rate=SAMPLE_RATE):
+                  hub_dataset=None, strict_data=False, sampling_rate=SAMPLE_RATE, special_tokens=()):
     """Unique ids, durations, filters, report, dataset: the steps every source goes through after indexing."""
     records = drop_duplicate_ids(records, report)
     records = add_durations(records, report)
-    records = filter_records(records, report, min_duration, max_duration, lowercase)
+    records = filter_records(records, report, min_duration, max_duration, lowercase, special_tokens)
     report.log(strict_data)
     if not records:
         raise DataError(f"{name}: no usable clips left after filtering (see the report above)")

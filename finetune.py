@@ -220,7 +220,7 @@ def run(config, model_args, data_args, training_args):
     model = load_model(config, model_args, data_args, training_args)
 
     # 5. Data (and the frozen encoder's outputs, once, with --feature_cache)
-    train_dataset, eval_dataset = load_data(data_args, training_args, model.sampling_rate)
+    train_dataset, eval_dataset = load_data(data_args, training_args, model.processor)
     log_sizes(model, train_dataset, eval_dataset, data_args)
     if data_args.preprocessing_only:
         logger.info("backbones and data are downloaded and indexed; the training launch will read them from the "
@@ -283,22 +283,23 @@ def load_model(config, model_args, data_args, training_args):
     return model
 
 
-def load_data(data_args, training_args, sampling_rate):
-    """(train dataset, eval dataset or None): indexed, filtered and reported; a stream for --streaming."""
+def load_data(data_args, training_args, processor):
+    """(train dataset, eval dataset or None): indexed, filtered and reported, at the processor's sampling rate and
+    without transcripts that hold its tokenizer's special tokens; a stream for --streaming."""
     with training_args.main_process_first(desc="indexing data"):
         if data_args.streaming:
-            train_dataset = load_train_stream(data_args, training_args, sampling_rate)
+            train_dataset = load_train_stream(data_args, training_args, processor)
         else:
-            train_dataset = load_split(data_args, data_args.train_split, data_args.train_manifest, sampling_rate,
+            train_dataset = load_split(data_args, data_args.train_split, data_args.train_manifest, processor,
                                        "train")
         eval_dataset = None
         if training_args.do_eval:
-            eval_dataset = load_split(data_args, data_args.eval_split, data_args.eval_manifest, sampling_rate,
+            eval_dataset = load_split(data_args, data_args.eval_split, data_args.eval_manifest, processor,
                                       "eval", data_args.max_eval_samples)
     return train_dataset, eval_dataset
 
 
-def load_split(data_args, split, manifest, sampling_rate, what, max_samples=None):
+def load_split(data_args, split, manifest, processor, what, max_samples=None):
     """One dataset from whichever source the arguments name."""
     report = data.DataReport(f"{what} data")
     hub_dataset = None
@@ -321,17 +322,18 @@ def load_split(data_args, split, manifest, sampling_rate, what, max_samples=None
     if max_samples is not None:
         records = records[:max_samples]
     return data.build_dataset(what, records, report, data_args.min_duration, data_args.max_duration,
-                              data_args.lowercase, hub_dataset, data_args.strict_data, sampling_rate)
+                              data_args.lowercase, hub_dataset, data_args.strict_data, processor.sampling_rate,
+                              processor.special_tokens)
 
 
-def load_train_stream(data_args, training_args, sampling_rate):
+def load_train_stream(data_args, training_args, processor):
     """The training split of --dataset_name as a stream: this rank's part, decoded and filtered on the fly."""
     stream = data.load_hub_librispeech(data_args.dataset_name, data_args.dataset_config, data_args.train_split,
                                        streaming=True)
     return data.StreamingSpeechDataset(
         stream, training_args.process_index, training_args.world_size, training_args.seed,
         data_args.shuffle_buffer_size, data_args.min_duration, data_args.max_duration, data_args.lowercase,
-        data_args.strict_data, sampling_rate)
+        data_args.strict_data, processor.sampling_rate, processor.special_tokens)
 
 
 def log_sizes(model, train_dataset, eval_dataset, data_args):

@@ -290,3 +290,16 @@ def test_two_processes_agree_to_stop_during_evaluation(tmp_path):
     assert find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoint-2"))
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
+
+
+def test_a_transcript_holding_a_special_token_is_dropped_and_counted(tmp_path, caplog):
+    from conftest import FIXTURE
+    clips = sorted((FIXTURE / "train-clean-100").glob("*/*/*.flac"))[:4]
+    texts = ["the ship sailed", "she read the news", "the end </s> of it", "a dog ran"]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"audio": str(c), "text": t}) + "\n"
+                                                  for c, t in zip(clips, texts)))
+    with caplog.at_level("INFO"):
+        assert finetune.main(tiny_args(tmp_path / "out", "--train_manifest", str(tmp_path / "train.jsonl"),
+                                       *NO_EVAL, "--per_device_train_batch_size", "2", steps=3,
+                                       source=())) == 0  # trained as an EOS in mid-sentence, it would not be
+    assert "1  transcript holds the LLM's special token </s>" in caplog.text and "train: 3 clips" in caplog.text

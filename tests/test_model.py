@@ -274,6 +274,30 @@ def test_truncated_adapter_fails_loudly(trained_model, tmp_path):
         SlamASR.load_adapter(tmp_path)
 
 
+def test_a_diverged_adapter_and_an_incomplete_config_are_refused(trained_model, tmp_path):
+    trained_model.save_adapter(tmp_path)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tmp_path / WEIGHTS_NAME)
+    save_file({**weights, "proj.0.bias": weights["proj.0.bias"] * float("nan")}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"proj\.0\.bias hold NaN or Inf"):  # not a model transcribing ""
+        SlamASR.load_adapter(tmp_path)
+    save_file(weights, tmp_path / WEIGHTS_NAME)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["prompt_template"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"fields \['prompt_template'\] are missing"):  # not the default one
+        SlamASR.load_adapter(tmp_path)
+
+
+def test_saving_onto_a_full_disk_raises_and_keeps_the_good_files(trained_model, tmp_path):
+    trained_model.save_adapter(tmp_path)
+    good = (tmp_path / CONFIG_NAME).read_text()
+    (tmp_path / (CONFIG_NAME + ".tmp")).symlink_to("/dev/full")  # every write there fails: ENOSPC
+    with pytest.raises(OSError, match="No space left"):
+        trained_model.save_adapter(tmp_path)
+    assert (tmp_path / CONFIG_NAME).read_text() == good and not os.path.lexists(tmp_path / (CONFIG_NAME + ".tmp"))
+
+
 def test_mismatched_adapter_names_what_differs(trained_model, tmp_path):
     trained_model.save_adapter(tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
