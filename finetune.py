@@ -278,6 +278,10 @@ def load_model(config, model_args, data_args, training_args):
     dtype = torch.float16 if training_args.fp16 else torch.bfloat16 if training_args.bf16 else None
     with training_args.main_process_first(desc="loading backbones"):  # one download, the others read the cache
         model = SlamASR.from_config(config, torch_dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    window = model.processor.max_samples  # Whisper's encoder takes 30 s at most: say so now, not at the first batch
+    if window is not None and data_args.max_duration > window / model.sampling_rate:
+        raise ValueError(f"--max_duration {data_args.max_duration:g}: {config.encoder} takes clips of at most "
+                         f"{window / model.sampling_rate:g} s; pass --max_duration {window / model.sampling_rate:g}")
     model.generation_config.update(max_new_tokens=data_args.max_new_tokens,
                                    num_beams=training_args.generation_num_beams or 1)
     return model

@@ -223,3 +223,7 @@ def test_whisper_through_finetune_with_the_feature_cache_and_transcribe(encoder_
                             "--output", str(tmp_path / "t.jsonl"), str(FIXTURE / "dev-clean")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert rows and all("text" in row for row in rows)
+    longer = tiny_args(tmp_path / "long", "--max_duration", "40", "--eval_split", "", steps=2)
+    longer[longer.index("--encoder") + 1] = encoder_dirs["whisper"]
+    with pytest.raises(ValueError, match="--max_duration 40: .* takes clips of at most 30 s"):  # before any step
+        finetune.main(longer)
