@@ -35,7 +35,7 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
     if config.encoder == TINY:
         encoder, feature_extractor = tiny[0], tiny[3]
     else:
-        model_type = load("speech encoder's config", config.encoder, AutoConfig.from_pretrained).model_type
+        model_type = load("speech encoder", config.encoder, AutoConfig.from_pretrained).model_type
         if model_type == "whisper":
             # A Whisper checkpoint is the whole encoder-decoder (AutoModel would give both): keep the encoder.
             # WhisperEncoder.from_pretrained would not find the checkpoint's "model.encoder." weights and would
