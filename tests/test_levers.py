@@ -188,3 +188,16 @@ def test_bench_smoke(tmp_path):
     assert by_name["cache"]["step_ms"]["encoder"] < 0.01 * by_name["naive"]["step_ms"]["encoder"]  # never runs
     assert summary["speedup_vs_naive"] > 0 and 0 < by_name["all"]["mfu"] < 1
     assert (tmp_path / "b.json").is_file()
+
+
+def test_loader_defaults_fit_the_machine(monkeypatch):
+    # a loader worker per core at most (4 on a 2-core machine took cycles from the step's own threads), pinned
+    # memory only where there is a GPU to copy to; both still overridable
+    import finetune
+    args = ["--encoder", "tiny", "--llm", "tiny", "--train_manifest", "m.jsonl", "--use_cpu"]
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    training_args = finetune.parse_args(args)[3]
+    assert training_args.dataloader_num_workers == 2 and not training_args.dataloader_pin_memory
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert finetune.parse_args(args)[3].dataloader_num_workers == 4
+    assert finetune.parse_args(args + ["--dataloader_num_workers", "8"])[3].dataloader_num_workers == 8
