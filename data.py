@@ -632,9 +632,13 @@ class FeatureCache:
     def size_bytes(self):
         return sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
 
-    def fill(self, encode, dataset, rank=0, world=1, batch_size=8, batched=True):
+    def fill(self, encode, dataset, rank=0, world=1, batch_size=8, batched=True, batch_seconds=None,
+             max_padding=0.0):
         """Encodes this rank's share of `dataset` records that the cache lacks. `encode(list of audio) ->
-        list of (T, D) tensors`. Returns [(id, reason)] of clips that could not be read."""
+        list of (T, D) tensors`. Batches as `fill_batches` cuts them: clips of similar duration, at most
+        `batch_size` clips and `batch_seconds` padded audio seconds; `batched=False` (an encoder that takes no
+        attention mask, whose output padding changes) batches only clips within `max_padding` (a fraction) of
+        the batch's longest. Returns [(id, reason)] of clips that could not be read."""
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -658,8 +662,13 @@ class FeatureCache:
                 os.replace(index_path.with_suffix(".tmp"), index_path)  # the index names only finished shards
             pending, pending_bytes = {}, 0
 
-        for batch, audios, bad in clip_batches(todo, dataset.load, batch_size if batched else 1,
-                                               f"caching encoder features (rank {rank})", disable=rank != 0):
+        groups = fill_batches([r["duration"] for r in todo], batch_size, batch_seconds,
+                              None if batched else max_padding)
+        bar = tqdm(total=len(todo), desc=f"caching encoder features (rank {rank})", unit="clip",
+                   disable=rank != 0 or not todo)
+        for group in groups:
+            batch, audios, bad = load_clips(dataset.load, [todo[i] for i in group])
+            bar.update(len(group))
             failed += [(record["id"], reason) for record, reason in bad]
             if not audios:
                 continue
@@ -670,6 +679,7 @@ class FeatureCache:
             if pending_bytes > self.SHARD_BYTES:
                 flush()
         flush()
+        bar.close()
         return failed
 
     def read(self, record):
@@ -680,6 +690,25 @@ class FeatureCache:
         if shard not in self._readers:  # memory-mapped; opened lazily, per DataLoader worker
             self._readers[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._readers[shard].get_tensor(name)
+
+
+def fill_batches(durations, max_clips, max_seconds=None, max_padding=None):
+    """Index batches of consecutive `durations` (sorted ascending): at most `max_clips` clips and `max_seconds`
+    padded seconds (longest x clips) each; with `max_padding` (a fraction), only clips within that fraction of
+    the batch's longest. An encoder without an attention mask (group-norm HuBERT-base) then sees at most that
+    much zero padding, as it was pretrained on; 0 batches only clips of equal length."""
+    batches, current = [], []
+    for i, seconds in enumerate(durations):
+        if current:
+            n = len(current) + 1
+            if (n > max_clips or (max_seconds is not None and seconds * n > max_seconds)
+                    or (max_padding is not None and durations[current[0]] < (1 - max_padding) * seconds)):
+                batches.append(current)
+                current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 class CachedFeatureDataset(RecordDataset):

@@ -199,14 +199,13 @@ class RunEfficiency:
 
     # --- the report -----------------------------------------------------------------------------------------
 
-    def report(self, world_size=1):
+    def report(self, world_size=1, device="cpu"):
         """The run's figures, all ranks summed (call it on every rank): phases, FLOPs, MFU. The whole-run MFU
         is all model FLOPs over the whole wall time and the peak of every process's device."""
         total = time.perf_counter() - self.start
         flops = self.flops()
         if world_size > 1:
-            values = torch.tensor(list(flops.values()), dtype=torch.float64,
-                                  device="cuda" if torch.cuda.is_available() else "cpu")
+            values = torch.tensor(list(flops.values()), dtype=torch.float64, device=device)  # the group's device
             torch.distributed.all_reduce(values)
             flops = dict(zip(flops, values.tolist()))
         phases = {name: round(s, 3) for name, s in self.seconds.items()}

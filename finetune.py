@@ -31,6 +31,9 @@ from trainer import (DurationBatchSampler, NonFiniteTraining, SlamASRTrainer, St
                      resolve_resume)
 
 logger = logging.getLogger("finetune")
+# Zero padding a mask-less encoder (group-norm HuBERT-base) may see in a cache-fill batch, as a fraction of the
+# batch's longest clip: it was pretrained on padded batches; 2% keeps the loss (tests/test_levers.py)
+FILL_MAX_PADDING = 0.02
 
 
 @dataclass
@@ -375,9 +378,14 @@ def fill_feature_cache(model, train_dataset, data_args, training_args, encode):
     cache = data.FeatureCache(data_args.feature_cache, model.config.encoder, model.sampling_rate,
                               model.encoder.config.hidden_size, next(model.encoder.parameters()).dtype)
     model.to(training_args.device)
-    # encoders that take no attention mask must see each clip unpadded
+    # Batches of similar durations, sized in audio seconds as training's (an encode-only pass fits where a
+    # training step does) or as the eval batch's worst case. Encoders that take no attention mask are batched
+    # only within FILL_MAX_PADDING of equal length, not one clip at a time: a single clip leaves a GPU mostly
+    # idle (on a CPU it costs the same, docs/PERFORMANCE.md).
+    batch_seconds = data_args.max_batch_seconds or training_args.per_device_eval_batch_size * data_args.max_duration
     failed = cache.fill(encode, train_dataset, training_args.process_index, training_args.world_size,
-                        training_args.per_device_eval_batch_size, batched=model.encoder_takes_mask)
+                        training_args.per_device_eval_batch_size, batched=model.encoder_takes_mask,
+                        batch_seconds=batch_seconds, max_padding=FILL_MAX_PADDING)
     if failed:
         logger.warning(f"feature cache: {len(failed)} clips could not be read and are left out, e.g. {failed[0]}")
     PartialState().wait_for_everyone()
@@ -392,7 +400,7 @@ def fill_feature_cache(model, train_dataset, data_args, training_args, encode):
 def report_efficiency(trainer, efficiency, training_args):
     """The run's efficiency report (efficiency.RunEfficiency): one log line, TensorBoard scalars through
     Trainer's log (train/efficiency_*), and OUTPUT_DIR/efficiency.json."""
-    report = efficiency.report(training_args.world_size)
+    report = efficiency.report(training_args.world_size, training_args.device)
     logger.info(summary_line(report))
     trainer.log(scalars(report))
     if training_args.should_save:
