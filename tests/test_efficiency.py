@@ -93,3 +93,16 @@ def test_peak_is_measured_once_per_device_and_dtype(monkeypatch):
     assert calls == [torch.float32, torch.bfloat16]
     keys = json.loads(open(efficiency.peak_cache_path()).read())
     assert len(keys) == 2 and all("float32" in k or "bfloat16" in k for k in keys)
+
+
+def test_a_peak_cached_too_low_is_measured_again(monkeypatch):
+    # a peak measured while the machine was shared reads too low; a run that beats it measures it again
+    peaks = iter([1e6, 1e15])
+    monkeypatch.setattr(efficiency, "matmul_peak", lambda device, dtype: next(peaks))
+    run = efficiency.RunEfficiency()
+    run.set_model(make_model(), "cpu", torch.float32)
+    run.fill_audio_seconds = 10.0  # about 1 GFLOP of encoder work in well under a second: above 1e6 FLOP/s
+    run.lap("cache_fill")
+    report = run.report()
+    assert report["peak_flops_per_device"] == 1e15 and 0 < report["mfu"]["whole_run"] <= 1
+    assert list(json.loads(open(efficiency.peak_cache_path()).read()).values()) == [1e15]
