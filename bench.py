@@ -4,11 +4,16 @@ the same clips, with backbones built from configs (random weights: the figures a
 
     python bench.py --size base --device cpu --batch_size 4 --steps 3
     python bench.py --size full --device cuda --dtype bfloat16 --batch_size 16 --steps 20
+    python bench.py --end_to_end --json docs/e2e_base_cpu.json    (finetune.py vs a straightforward trainer)
 
 Configurations: `naive` (encoder every step, random batches, LM head over every position, float32
 backbones), each lever alone (`cache`: frozen-encoder feature cache; `duration`: batches by total audio
 seconds; `head`: LM head only on labelled positions; `half`: half-precision backbones with autocast), and
 `all` together. Prints a table, `speedup vs naive: N.Nx`, and a projection of hours per LibriSpeech-960 h epoch.
+
+`--end_to_end` times whole runs instead of steps: finetune.py start to finish, against a straightforward trainer
+of our own (a plain PyTorch loop: encoder every step, LM head over every position, fixed batches of 4 clips,
+float32), both reading the same backbones saved to folders and the same flac clips, for the same epochs.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import torch
 
 import data
 from backbones import tiny_backbones
+from efficiency import matmul_peak, sync
 from model import SlamASR, SlamASRConfig
 
 LIBRISPEECH_960H_SECONDS = 960 * 3600
@@ -82,28 +88,6 @@ class InMemory(data.SpeechDataset):
 
     def load(self, record):
         return self.audio[record["id"]]
-
-
-def matmul_peak(device, dtype, n):
-    """Measured dense matmul FLOP/s on this device in this dtype: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 2.0:
-        a @ b
-        reps += 1
-        if reps % 10 == 0:
-            sync(device)
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def decode_speed(clips, n=8):
@@ -191,7 +175,20 @@ def main(argv=None):
                    help="comma-separated subset of naive,cache,duration,head,half,all")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM body in the `all` configuration")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--end_to_end", action="store_true", help="whole runs: finetune.py vs a straightforward trainer")
+    p.add_argument("--epochs", type=int, default=3, help="--end_to_end: epochs of each run")
+    p.add_argument("--finetune_args", default="", help="--end_to_end: more finetune.py arguments, e.g. --bf16")
+    p.add_argument("--workdir", help="--end_to_end: folder for backbones, clips and outputs (default: temporary)")
+    p.add_argument("--fill_lever", action="store_true",
+                   help="cache fill of a mask-less encoder (base): one clip at a time vs near-equal batches")
+    p.add_argument("--straightforward", metavar="WORKDIR", help=argparse.SUPPRESS)  # the baseline's own process
     args = p.parse_args(argv)
+    if args.straightforward:
+        return straightforward_run(args.straightforward, args.epochs)
+    if args.end_to_end:
+        return end_to_end(args)
+    if args.fill_lever:
+        return fill_lever(args)
     device = torch.device(args.device)
     half = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     half = None if half == torch.float32 else half
@@ -288,6 +285,165 @@ def main(argv=None):
               f"cache {best['cache_kb_per_audio_s']:.0f} KB per audio second "
               f"({best['cache_kb_per_audio_s'] * LIBRISPEECH_960H_SECONDS / 1e6:.0f} GB for 960 h); "
               f"{best['audio_s_per_s'] / decode:.2f} loader processes keep up without the cache")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def fill_lever(args, clips=8, seconds=10.0):
+    """The feature cache fill of `clips` clips of about `seconds` s within finetune.FILL_MAX_PADDING of one
+    length (what neighbours in a sorted 960 h corpus are), one clip at a time vs in one batch; both timed in
+    this process, on fresh caches, twice in alternation (the best of each kept)."""
+    from finetune import FILL_MAX_PADDING
+
+    device = torch.device(args.device)
+    encoder, llm, tokenizer, feature_extractor = build_backbones(args.size)
+    model = SlamASR.from_backbones(SlamASRConfig(encoder=f"bench-{args.size}", llm=f"bench-{args.size}"),
+                                   encoder, llm, tokenizer, feature_extractor).to(device)
+    rng = np.random.default_rng(0)
+    corpus = synthetic_corpus(clips)
+    for i, c in enumerate(corpus):
+        c["audio"] = np.resize(c["audio"], int(seconds * (1 - FILL_MAX_PADDING * rng.uniform()) * data.SAMPLE_RATE))
+        c["duration"] = len(c["audio"]) / data.SAMPLE_RATE
+    dataset = InMemory(corpus)
+    times = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for attempt in range(2):
+            for name, padding in (("one_at_a_time", 0.0), ("near_equal_batch", FILL_MAX_PADDING)):
+                cache = data.FeatureCache(f"{workdir}/{name}{attempt}", model.config.encoder, data.SAMPLE_RATE,
+                                          model.encoder.config.hidden_size, torch.float32)
+                sync(device)
+                start = time.perf_counter()
+                cache.fill(model.encode_audio, dataset, batch_size=clips, batched=model.encoder_takes_mask,
+                           max_padding=padding)
+                sync(device)
+                times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
+    audio = sum(dataset.durations)
+    summary = dict(size=args.size, device=args.device, clips=clips, audio_seconds=audio,
+                   encoder_takes_mask=model.encoder_takes_mask,
+                   audio_s_per_s={k: audio / v for k, v in times.items()},
+                   speedup=times["one_at_a_time"] / times["near_equal_batch"])
+    print(f"cache fill, {clips} clips of about {seconds:g} s: " + ", ".join(
+        f"{k} {v:.2f} audio s/s" for k, v in summary["audio_s_per_s"].items()) + f"; {summary['speedup']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: whole runs, from the process's start to its end
+
+
+E2E_CLIPS = 12
+E2E_BATCH = 4
+
+
+def write_inputs(workdir, size, clips):
+    """The `size` backbones saved with save_pretrained (encoder/, llm/) and `clips` synthetic clips as flac files
+    in train.jsonl: what both runs read."""
+    import os
+
+    encoder, llm, tokenizer, feature_extractor = build_backbones(size)
+    encoder.save_pretrained(f"{workdir}/encoder")
+    feature_extractor.save_pretrained(f"{workdir}/encoder")
+    llm.save_pretrained(f"{workdir}/llm")
+    tokenizer.save_pretrained(f"{workdir}/llm")
+    os.makedirs(f"{workdir}/clips", exist_ok=True)
+    corpus = synthetic_corpus(clips)
+    with open(f"{workdir}/train.jsonl", "w") as f:
+        for c in corpus:
+            sf.write(f"{workdir}/clips/{c['id']}.flac", c["audio"], data.SAMPLE_RATE, format="FLAC")
+            f.write(json.dumps(dict(audio=f"clips/{c['id']}.flac", text=c["text"], id=c["id"])) + "\n")
+    return sum(c["duration"] for c in corpus)
+
+
+def straightforward_run(workdir, epochs):
+    """The baseline, in its own process: loads the backbones as finetune.py does, then a plain PyTorch loop over
+    fixed batches of E2E_BATCH clips in manifest order, each step reading its flac files and running the encoder,
+    the LM head over every position, float32. Prints its FLOPs (as finetune.py counts them) as JSON."""
+    start = time.perf_counter()
+    model = SlamASR.from_config(SlamASRConfig(encoder=f"{workdir}/encoder", llm=f"{workdir}/llm"))
+    model.head_on_targets_only = False
+    report = data.DataReport("train")
+    records = data.read_manifest(f"{workdir}/train.jsonl", report)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    flops, P, Q = 0.0, len(model.prefix_ids), len(model.suffix_ids)
+    for _ in range(epochs):
+        for i in range(0, len(records), E2E_BATCH):
+            batch = records[i:i + E2E_BATCH]
+            audios = [data.read_audio(r["audio"]) for r in batch]
+            input_values, audio_lengths = model.processor.audio(audios)
+            labels = model.processor.labels([data.normalize_transcript(r["text"]) for r in batch])[0]
+            out = model(input_values, audio_lengths, labels)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            flops += model.flops_per_step(audio_lengths.sum().item() / data.SAMPLE_RATE,
+                                          model.speech_lengths(audio_lengths).sum().item(), len(batch) * (P + Q),
+                                          out.num_tokens.item())
+    print(json.dumps(dict(flops=flops, seconds_in_process=time.perf_counter() - start, loss=out.loss.item())))
+
+
+def end_to_end(args):
+    """Both runs, one after the other in this invocation, on the same inputs; wall time from outside each
+    process. MFU against a matmul peak measured here, in the dtype finetune.py runs in."""
+    import os
+    import resource
+    import shlex
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-e2e-")
+    audio_seconds = write_inputs(workdir, args.size, E2E_CLIPS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    mean = audio_seconds / E2E_CLIPS
+    finetune_cmd = [sys.executable, f"{here}/finetune.py", "--encoder", f"{workdir}/encoder",
+                    "--llm", f"{workdir}/llm", "--train_manifest", f"{workdir}/train.jsonl",
+                    "--output_dir", f"{workdir}/out", "--feature_cache", f"{workdir}/cache",
+                    "--max_batch_seconds", f"{E2E_BATCH * mean:.1f}", "--num_train_epochs", str(args.epochs),
+                    *(["--use_cpu"] if args.device == "cpu" else []), "--seed", "0",
+                    *shlex.split(args.finetune_args)]
+    print(f"{args.size} backbones and {E2E_CLIPS} clips ({audio_seconds:.0f} audio s) in {workdir}; "
+          f"{args.epochs} epochs each")
+    runs = {}
+    for name, cmd in (("straightforward", [sys.executable, f"{here}/bench.py", "--straightforward", workdir,
+                                           "--epochs", str(args.epochs)]), ("finetune", finetune_cmd)):
+        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds as well as wall time: on a shared machine another tenant's load moves the wall time of
+        # one run and not the other's; the CPU time it took moves much less
+        runs[name] = dict(wall_seconds=time.perf_counter() - start, command=shlex.join(cmd),
+                          cpu_seconds=after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                          load_average_before=os.getloadavg()[0])
+        if done.returncode:
+            raise SystemExit(f"{name} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        print(f"  {name}: {runs[name]['wall_seconds']:.1f} s wall, {runs[name]['cpu_seconds']:.1f} CPU s")
+        if name == "straightforward":
+            runs[name].update(json.loads(done.stdout.strip().splitlines()[-1]))
+    with open(f"{workdir}/out/efficiency.json") as f:
+        report = json.load(f)
+    runs["finetune"]["efficiency"] = report
+    runs["finetune"]["flops"] = report["flops"]["total"]
+    dtype = getattr(torch, report["dtype"])
+    peak = matmul_peak(torch.device(args.device), dtype)
+    for run in runs.values():
+        run["mfu"] = run["flops"] / run["wall_seconds"] / peak
+    ratio = runs["straightforward"]["wall_seconds"] / runs["finetune"]["wall_seconds"]
+    cpu_ratio = runs["straightforward"]["cpu_seconds"] / runs["finetune"]["cpu_seconds"]
+    load = os.getloadavg()
+    summary = dict(size=args.size, device=args.device, dtype=report["dtype"], epochs=args.epochs, clips=E2E_CLIPS,
+                   audio_seconds=audio_seconds, matmul_peak_flops=peak, cpu_count=os.cpu_count(),
+                   load_average_after=load, speedup=ratio, speedup_cpu_seconds=cpu_ratio, runs=runs)
+    print(f"end to end: finetune.py {ratio:.2f}x the straightforward trainer ({cpu_ratio:.2f}x in CPU seconds); "
+          f"whole-run MFU "
+          f"{100 * runs['finetune']['mfu']:.1f}% (straightforward {100 * runs['straightforward']['mfu']:.1f}%) of "
+          f"{peak / 1e12:.3f} TFLOP/s {report['dtype']} measured now; finetune.py's phases "
+          f"{report['phase_seconds']}; load average after {load[0]:.1f} on {os.cpu_count()} cores")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -163,15 +163,17 @@ def load_clips(load, records):
     return loaded, audios, failed
 
 
-def clip_batches(records, load, batch_size, desc, disable=False):
+def clip_batches(records, load, batches, desc, disable=False):
     """How inference reads its clips (the feature cache fill, the eval WER; transcribe.py, whose queue also holds
-    the windows of long inputs, calls load_clips per batch itself): `records`,
-    in the caller's order, in batches of `batch_size`, each as `load_clips` gives it, under a progress bar."""
+    the windows of long inputs, calls load_clips per batch itself): `records` in `batches` (a batch size, taken
+    in the caller's order, or lists of indices into `records`, as fill_batches makes them), each batch as
+    `load_clips` gives it, under a progress bar."""
+    if isinstance(batches, int):
+        batches = [range(start, min(start + batches, len(records))) for start in range(0, len(records), batches)]
     with tqdm(total=len(records), desc=desc, unit="clip", disable=disable or not records) as bar:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            yield load_clips(load, chunk)
-            bar.update(len(chunk))
+        for indices in batches:
+            yield load_clips(load, [records[i] for i in indices])
+            bar.update(len(indices))
 
 
 def file_identity(path):
@@ -676,9 +678,13 @@ class FeatureCache:
     def size_bytes(self):
         return sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
 
-    def fill(self, encode, dataset, rank=0, world=1, batch_size=8, batched=True):
+    def fill(self, encode, dataset, rank=0, world=1, batch_size=8, batched=True, batch_seconds=None,
+             max_padding=0.0):
         """Encodes this rank's share of `dataset` records that the cache lacks. `encode(list of audio) ->
-        list of (T, D) tensors`. Returns [(id, reason)] of clips that could not be read."""
+        list of (T, D) tensors`. Batches as `fill_batches` cuts them: clips of similar duration, at most
+        `batch_size` clips and `batch_seconds` padded audio seconds; `batched=False` (an encoder that takes no
+        attention mask, whose output padding changes) batches only clips within `max_padding` (a fraction) of
+        the batch's longest. Returns [(id, reason)] of clips that could not be read."""
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -702,8 +708,10 @@ class FeatureCache:
                 os.replace(index_path.with_suffix(".tmp"), index_path)  # the index names only finished shards
             pending, pending_bytes = {}, 0
 
-        for batch, audios, bad in clip_batches(todo, dataset.load, batch_size if batched else 1,
-                                               f"caching encoder features (rank {rank})", disable=rank != 0):
+        groups = fill_batches([r["duration"] for r in todo], batch_size, batch_seconds,
+                              None if batched else max_padding)
+        for batch, audios, bad in clip_batches(todo, dataset.load, groups, f"caching encoder features (rank {rank})",
+                                               disable=rank != 0):
             failed += [(record["id"], reason) for record, reason in bad]
             if not audios:
                 continue
@@ -724,6 +732,25 @@ class FeatureCache:
         if shard not in self._readers:  # memory-mapped; opened lazily, per DataLoader worker
             self._readers[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._readers[shard].get_tensor(name)
+
+
+def fill_batches(durations, max_clips, max_seconds=None, max_padding=None):
+    """Index batches of consecutive `durations` (sorted ascending): at most `max_clips` clips and `max_seconds`
+    padded seconds (longest x clips) each; with `max_padding` (a fraction), only clips within that fraction of
+    the batch's longest. An encoder without an attention mask (group-norm HuBERT-base) then sees at most that
+    much zero padding, as it was pretrained on; 0 batches only clips of equal length."""
+    batches, current = [], []
+    for i, seconds in enumerate(durations):
+        if current:
+            n = len(current) + 1
+            if (n > max_clips or (max_seconds is not None and seconds * n > max_seconds)
+                    or (max_padding is not None and durations[current[0]] < (1 - max_padding) * seconds)):
+                batches.append(current)
+                current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 class CachedFeatureDataset(RecordDataset):

@@ -24,11 +24,15 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 import data
+from efficiency import RunEfficiency, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
 from trainer import (DurationBatchSampler, NonFiniteTraining, SlamASRTrainer, StopDuringEvaluation, hold_output_dir,
                      resolve_resume)
 
 logger = logging.getLogger("finetune")
+# Zero padding a mask-less encoder (group-norm HuBERT-base) may see in a cache-fill batch, as a fraction of the
+# batch's longest clip: it was pretrained on padded batches; 2% keeps the loss (tests/test_levers.py)
+FILL_MAX_PADDING = 0.02
 
 
 @dataclass
@@ -105,7 +109,9 @@ def parse_args(argv):
                         lr_scheduler_type="linear", eval_strategy="steps", eval_steps=1000, save_steps=1000,
                         save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
                         do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
-                        prediction_loss_only=True, dataloader_num_workers=4)
+                        prediction_loss_only=True,
+                        # a loader worker per core at most: more only take cycles from the step's own threads
+                        dataloader_num_workers=min(4, os.cpu_count() or 1))
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         # The file's values become the parser's defaults and the rest of argv parses on top, so a file gets the
         # defaults above and takes overrides after it, exactly as the command line does. (HfArgumentParser's
@@ -187,6 +193,8 @@ def parse_args(argv):
         if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
             raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "
                              "--group_by_length")
+    if training_args.use_cpu or not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # page-locked memory only speeds up copies to a GPU
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
     if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:
@@ -201,14 +209,17 @@ def parse_args(argv):
     return config, model_args, data_args, training_args
 
 
-def main(argv=None):
-    # 1. Arguments; the run then holds output_dir until it ends
+def main(argv=None, efficiency=None):
+    # 1. Arguments; the run then holds output_dir until it ends. Its efficiency is counted from here (or from the
+    # process's start, as a script).
+    efficiency = efficiency or RunEfficiency()
     config, model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
     with hold_output_dir(training_args.output_dir, holder=training_args.should_save):
-        return run(config, model_args, data_args, training_args)
+        return run(config, model_args, data_args, training_args, efficiency)
 
 
-def run(config, model_args, data_args, training_args):
+def run(config, model_args, data_args, training_args, efficiency=None):
+    efficiency = efficiency or RunEfficiency()
     # 2. Logging, on the main process only at full volume
     setup_logging(training_args)
     transformers.set_seed(training_args.seed)
@@ -218,16 +229,21 @@ def run(config, model_args, data_args, training_args):
 
     # 4. Model: frozen backbones in the training precision, the adapter in float32, the eval WER's decoding
     model = load_model(config, model_args, data_args, training_args)
+    efficiency.set_model(model, training_args.device, training_dtype(training_args))
+    efficiency.lap("startup")
 
     # 5. Data (and the frozen encoder's outputs, once, with --feature_cache)
     train_dataset, eval_dataset = load_data(data_args, training_args, model.processor)
     log_sizes(model, train_dataset, eval_dataset, data_args)
+    efficiency.lap("indexing")
     if data_args.preprocessing_only:
         logger.info("backbones and data are downloaded and indexed; the training launch will read them from the "
                     "cache (--preprocessing_only: exiting before training)")
         return 0
     if data_args.feature_cache:
-        train_dataset = fill_feature_cache(model, train_dataset, data_args, training_args)
+        train_dataset = fill_feature_cache(model, train_dataset, data_args, training_args,
+                                           efficiency.counting_encoder(model.encode_audio))
+        efficiency.lap("cache_fill")
 
     # 6. Train (the trainer stops on SIGTERM/SIGINT and saves; on NaN/Inf it skips steps, then stops). Trainer's
     # own pushing would upload checkpoints as they come: the final adapter is published once, in step 7.
@@ -237,10 +253,11 @@ def run(config, model_args, data_args, training_args):
         data_collator=data.SpeechCollator(model.processor, data_args.max_target_tokens),
         wer_dataset=eval_dataset if training_args.predict_with_generate else None,
         wer_normalizer=data_args.wer_normalizer, max_nonfinite_steps=data_args.max_nonfinite_steps,
-        max_batch_seconds=data_args.max_batch_seconds)
+        max_batch_seconds=data_args.max_batch_seconds, efficiency=efficiency)
     if not data_args.streaming:
         logger.info(f"train batches: {describe_batches(trainer)}")
     result, code = train(trainer, resume, data_args, training_args)
+    efficiency.lap("training")  # less the evaluations in it, which the trainer timed as such
     if code is not None:
         return code
 
@@ -257,6 +274,9 @@ def run(config, model_args, data_args, training_args):
     logger.info(f"adapter saved to {training_args.output_dir} (load it with SlamASR.load_adapter)")
     if publish and training_args.should_save:
         publish_adapter(model, training_args, data_args, trainer.state.global_step, metrics)
+
+    # 8. What the run cost: model FLOPs, wall time per phase, MFU (logged, in TensorBoard, in efficiency.json)
+    report_efficiency(trainer, efficiency, training_args)
     return 0
 
 
@@ -275,7 +295,7 @@ def setup_logging(training_args):
 def load_model(config, model_args, data_args, training_args):
     """The backbones in half precision when training in it (float32 otherwise), the decoding options of the eval
     WER in the model's generation_config (saved with the adapter)."""
-    dtype = torch.float16 if training_args.fp16 else torch.bfloat16 if training_args.bf16 else None
+    dtype = None if training_dtype(training_args) == torch.float32 else training_dtype(training_args)
     with training_args.main_process_first(desc="loading backbones"):  # one download, the others read the cache
         model = SlamASR.from_config(config, torch_dtype=dtype, trust_remote_code=model_args.trust_remote_code)
     window = model.processor.max_samples  # Whisper's encoder takes 30 s at most: say so now, not at the first batch
@@ -285,6 +305,10 @@ def load_model(config, model_args, data_args, training_args):
     model.generation_config.update(max_new_tokens=data_args.max_new_tokens,
                                    num_beams=training_args.generation_num_beams or 1)
     return model
+
+
+def training_dtype(training_args):
+    return torch.float16 if training_args.fp16 else torch.bfloat16 if training_args.bf16 else torch.float32
 
 
 def load_data(data_args, training_args, processor):
@@ -351,16 +375,22 @@ def log_sizes(model, train_dataset, eval_dataset, data_args):
                 + (f"; eval: {len(eval_dataset):,} clips, {hours(eval_dataset):.2f} h" if eval_dataset else ""))
 
 
-def fill_feature_cache(model, train_dataset, data_args, training_args):
-    """Encodes the training clips once (each rank its share), then trains from the cache."""
+def fill_feature_cache(model, train_dataset, data_args, training_args, encode):
+    """Encodes the training clips once with `encode` (model.encode_audio, counted; each rank its share), then
+    trains from the cache."""
     from accelerate import PartialState
 
     cache = data.FeatureCache(data_args.feature_cache, model.config.encoder, model.sampling_rate,
                               model.encoder.config.hidden_size, next(model.encoder.parameters()).dtype)
     model.to(training_args.device)
-    # encoders whose output a padded batch changes (no attention mask) see each clip alone
-    failed = cache.fill(model.encode_audio, train_dataset, training_args.process_index, training_args.world_size,
-                        training_args.per_device_eval_batch_size, batched=model.encoder_batches_exactly)
+    # Batches of similar durations, sized in audio seconds as training's (an encode-only pass fits where a
+    # training step does) or as the eval batch's worst case. Encoders that take no attention mask are batched
+    # only within FILL_MAX_PADDING of equal length, not one clip at a time: a single clip leaves a GPU mostly
+    # idle (on a CPU it costs the same, docs/PERFORMANCE.md).
+    batch_seconds = data_args.max_batch_seconds or training_args.per_device_eval_batch_size * data_args.max_duration
+    failed = cache.fill(encode, train_dataset, training_args.process_index, training_args.world_size,
+                        training_args.per_device_eval_batch_size, batched=model.encoder_batches_exactly,
+                        batch_seconds=batch_seconds, max_padding=FILL_MAX_PADDING)
     if failed:
         logger.warning(f"feature cache: {len(failed)} clips could not be read and are left out, e.g. {failed[0]}")
     PartialState().wait_for_everyone()
@@ -370,6 +400,18 @@ def fill_feature_cache(model, train_dataset, data_args, training_args):
     logger.info(f"feature cache {cache.dir}: {len(cached):,} clips, {cache.size_bytes() / 2**30:.2f} GiB "
                 f"({cache.size_bytes() / max(audio_seconds, 1e-9) / 1e3:.0f} KB per audio second)")
     return cached
+
+
+def report_efficiency(trainer, efficiency, training_args):
+    """The run's efficiency report (efficiency.RunEfficiency): one log line, TensorBoard scalars through
+    Trainer's log (train/efficiency_*), and OUTPUT_DIR/efficiency.json."""
+    report = efficiency.report(training_args.world_size, training_args.device)
+    logger.info(summary_line(report))
+    trainer.log(scalars(report))
+    if training_args.should_save:
+        with open(os.path.join(training_args.output_dir, "efficiency.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report
 
 
 def describe_batches(trainer):
@@ -505,7 +547,7 @@ print(model.transcribe([audio])[0])  # audio: 1-D float array at {model.sampling
 
 
 if __name__ == "__main__":
-    code = main()
+    code = main(efficiency=RunEfficiency(start=process_start()))
     if torch.distributed.is_initialized():
         # leave together: a rank that exits while its peer still holds the gloo/NCCL group can abort
         torch.distributed.barrier()

@@ -131,16 +131,18 @@ class StopDuringEvaluation(Exception):
 
 class SlamASRTrainer(Trainer):
     """Trainer with the changes above. The model's generation_config decodes the WER clips (`wer_dataset`);
-    `wer_normalizer` names data.WER_NORMALIZERS' normalizer."""
+    `wer_normalizer` names data.WER_NORMALIZERS' normalizer; `efficiency` (efficiency.RunEfficiency) counts each
+    training batch's FLOPs and times the evaluations, and its MFU goes into the training logs."""
 
     def __init__(self, *args, wer_dataset=None, wer_normalizer="whisper", max_nonfinite_steps=25,
-                 max_batch_seconds=None, **kwargs):
+                 max_batch_seconds=None, efficiency=None, **kwargs):
         self.max_batch_seconds = max_batch_seconds  # read while Trainer builds its loaders
         self.stop = StopOnSignal()
         super().__init__(*args, callbacks=[*(kwargs.pop("callbacks", None) or []), self.stop], **kwargs)
         self.wer_dataset = wer_dataset
         self.wer_normalizer = wer_normalizer
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.efficiency = efficiency
         self.data_stats = data.DataStats()  # this rank's; finetune.py sums the ranks at the end
         self.nonfinite_steps = self.consecutive_nonfinite = 0
         # Trainer rotates checkpoints before our completion marker is written, and by a glob that takes the
@@ -154,6 +156,8 @@ class SlamASRTrainer(Trainer):
         stats = inputs.pop("data_stats")
         if model.training:
             self.data_stats.add(stats)
+            if self.efficiency is not None:
+                self.efficiency.count_batch(self.accelerator.unwrap_model(model), inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -185,6 +189,10 @@ class SlamASRTrainer(Trainer):
     def log(self, logs, start_time=None):
         if "loss" in logs:  # training logs carry the running data counters (this rank's)
             logs = {**logs, "skipped_clips": self.data_stats.skipped, "nonfinite_steps": self.nonfinite_steps}
+            if self.efficiency is not None:  # this rank's steps so far
+                flops = self.efficiency.flops()
+                logs.update(model_tflops=(flops["encoder_in_steps"] + flops["adapter_llm"]) / 1e12,
+                            mfu=self.efficiency.training_mfu())
         super().log(logs, start_time)
 
     # --- samplers and loaders: transformers 5.23's private _get_train_sampler / _get_eval_sampler -------------
@@ -280,6 +288,11 @@ class SlamASRTrainer(Trainer):
     # --- evaluation: loss from Trainer, WER from real generation ---------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        timed = self.efficiency.phase("evaluation") if self.efficiency is not None else contextlib.nullcontext()
+        with timed:
+            return self.evaluate_untimed(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def evaluate_untimed(self, eval_dataset, ignore_keys, metric_key_prefix):
         try:
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             if self.wer_dataset is not None:

@@ -188,3 +188,62 @@ def test_bench_smoke(tmp_path):
     assert by_name["cache"]["step_ms"]["encoder"] < 0.01 * by_name["naive"]["step_ms"]["encoder"]  # never runs
     assert summary["speedup_vs_naive"] > 0 and 0 < by_name["all"]["mfu"] < 1
     assert (tmp_path / "b.json").is_file()
+
+
+def test_loader_defaults_fit_the_machine(monkeypatch):
+    # a loader worker per core at most (4 on a 2-core machine took cycles from the step's own threads), pinned
+    # memory only where there is a GPU to copy to; both still overridable
+    import finetune
+    args = ["--encoder", "tiny", "--llm", "tiny", "--train_manifest", "m.jsonl", "--use_cpu"]
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    training_args = finetune.parse_args(args)[3]
+    assert training_args.dataloader_num_workers == 2 and not training_args.dataloader_pin_memory
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert finetune.parse_args(args)[3].dataloader_num_workers == 4
+    assert finetune.parse_args(args + ["--dataloader_num_workers", "8"])[3].dataloader_num_workers == 8
+
+
+def test_maskless_encoder_fill_batches_near_equal_clips_and_keeps_the_loss(train_clips, tmp_path):
+    # group-norm HuBERT (base) takes no attention mask: the fill batches only clips within 2% of equal length
+    # (a LibriSpeech-sized corpus is full of such neighbours), where it once encoded one clip at a time
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    import bench
+    from backbones import tiny_backbones
+    from finetune import FILL_MAX_PADDING
+    from model import SlamASR, SlamASRConfig
+    _, llm, tokenizer, _ = tiny_backbones(0)
+    torch.manual_seed(0)
+    encoder = HubertModel(HubertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
+                                       num_conv_pos_embedding_groups=4, feat_extract_norm="group")).eval()
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                         do_normalize=False, return_attention_mask=False)
+    model = SlamASR.from_backbones(SlamASRConfig(encoder="tiny-group", llm="tiny", adapter_hidden=256), encoder, llm,
+                                   tokenizer, extractor)
+    assert not model.encoder_takes_mask
+    audios, texts = train_clips
+    n = 16000 * 3
+    clips = [dict(id=f"c{i}", audio=np.resize(audios[i], int(n * (1 - FILL_MAX_PADDING * i / 6))), text=texts[i])
+             for i in range(6)]
+    for i, c in enumerate(clips):
+        c.update(duration=len(c["audio"]) / 16000, audio_identity=f"near-equal:{i}")
+    dataset = bench.InMemory(clips)
+    calls = []
+
+    def encode(batch):
+        calls.append(len(batch))
+        return model.encode_audio(batch)
+
+    collator = data.SpeechCollator(model.processor)
+    losses = []
+    for name, padding in (("one_at_a_time", 0.0), ("near_equal", FILL_MAX_PADDING)):
+        calls.clear()
+        cache = cache_for(model, tmp_path / name)
+        cache.fill(encode, dataset, batch_size=8, batched=False, max_padding=padding)
+        cached = data.CachedFeatureDataset(dataset, cache.load_index())
+        losses.append(batch_loss(model, collator([cached[i] for i in range(6)])))
+        assert calls == ([1] * 6 if padding == 0 else [6])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)
+    assert data.fill_batches([2.0, 2.0, 2.0, 3.0], 8, max_padding=0.0) == [[0, 1, 2], [3]]  # equal lengths batch
+    assert data.fill_batches([1.0, 2.0, 3.0, 4.0], 8, max_seconds=6.0) == [[0, 1], [2], [3]]  # padded seconds cap

@@ -1,0 +1,255 @@
+"""
+What a training run cost and how well it used the device, nanoGPT's `estimate_mfu` made whole-run: model FLOPs
+(the frozen encoder's pass, whether in the feature cache fill or in every step, apart from the adapter + LLM
+steps), wall time per phase (start-up, indexing, cache fill, training, evaluation), and MFU against the
+device's dense matmul peak in the run's dtype.
+
+Model FLOPs count useful work, as MFU does: each batch's real audio seconds, speech tokens, prompt tokens and
+transcript tokens through SlamASR.flops_per_step; padding is waste and is not counted. Evaluation (eval loss
+and WER generation) is timed but its FLOPs are not counted: its time lowers the whole-run MFU.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+
+import torch
+
+logger = logging.getLogger("finetune")
+
+# Dense (no sparsity) bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets, by torch.cuda.get_device_name();
+# the more specific names first. Other devices and dtypes get a measured peak (matmul_peak).
+GPU_HALF_PEAKS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
+    ("A100", 312e12), ("A10G", 70e12), ("L4", 121e12), ("L40S", 362e12),
+)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype, n=None, windows=5, window_seconds=0.4):
+    """Measured dense matmul FLOP/s on this device in this dtype: the best of a few short windows, so that
+    another process's burst on a shared machine does not lower it (an MFU against it is then conservative)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    best = 0.0
+    for _ in range(windows):
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < window_seconds:
+            a @ b
+            reps += 1
+            sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"{model}, {torch.get_num_threads()} threads"  # a CPU's peak scales with the threads torch uses
+
+
+def peak_cache_path():
+    """The measured peaks live with the machine's other Hugging Face files (HF_HOME): a peak belongs to the
+    device, not to one run, so it is measured once and every later run on the device reads it (an output_dir
+    would measure again for every run)."""
+    from huggingface_hub import constants
+
+    return os.path.join(constants.HF_HOME, "slam_asr", "matmul_peaks.json")
+
+
+def peak_flops(device, dtype, remeasure=False):
+    """(FLOP/s, where it comes from) of one device in `dtype`: the datasheet for known GPUs in bf16/fp16, else a
+    matmul timing measured once per device, dtype and torch version and cached in peak_cache_path().
+    `remeasure`: time it again and keep the higher figure (a peak measured while other processes shared the
+    device was too low)."""
+    name = device_name(device)
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        for key, flops in GPU_HALF_PEAKS:
+            if key in name:
+                return flops, f"datasheet dense {str(dtype).replace('torch.', '')} peak of {name}"
+    key = f"{name} | {str(dtype).replace('torch.', '')} | torch {torch.__version__}"
+    path = peak_cache_path()
+    peaks = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            peaks = json.load(f)
+    if key not in peaks or remeasure:
+        peaks[key] = max(peaks.get(key, 0.0), matmul_peak(device, dtype))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + f".{os.getpid()}.tmp", "w") as f:
+            json.dump(peaks, f, indent=2)
+        os.replace(path + f".{os.getpid()}.tmp", path)
+    return peaks[key], f"measured matmul peak of {name} in {str(dtype).replace('torch.', '')} (cached in {path})"
+
+
+def process_start():
+    """When this process started, on time.perf_counter()'s clock (Linux; now elsewhere): a run's start-up phase
+    then includes the interpreter and the imports (seconds for torch and transformers)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, since boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter()
+    return time.perf_counter() - max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+
+
+class RunEfficiency:
+    """The bookkeeping of one run. finetune.py marks where each top-level phase ends (`lap`); the trainer times
+    evaluations (`phase`, nested: their time leaves the enclosing phase) and counts each training batch
+    (`count_batch`); `report` sums it all up. Batch counts stay on the device (no sync per step): every term
+    of flops_per_step is linear in them, so the FLOPs of their sums are the sum of the batches' FLOPs."""
+
+    def __init__(self, start=None):
+        self.start = self.last = time.perf_counter() if start is None else start
+        self.seconds = {}  # phase -> wall seconds
+        self.nested = 0.0  # time of nested phases since the last lap
+        self.open = None  # (name, start) of the phase under way
+        self.model = self.peak = self.peak_source = None
+        self.fill_audio_seconds = 0.0
+        self.sums = None  # (audio seconds through the encoder, speech tokens, prompt tokens, targets, encoded?)
+        self.steps = 0
+
+    # --- time -----------------------------------------------------------------------------------------------
+
+    def lap(self, name):
+        """The wall time since the previous lap (less the nested phases in it) was phase `name`."""
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last - self.nested
+        self.last, self.nested = now, 0.0
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        """A phase inside the current lap (evaluation during training): counted as `name`, not as the lap."""
+        if self.open is not None:  # the final evaluate() is itself inside no lap; nested twice: count once
+            yield
+            return
+        self.open = (name, time.perf_counter())
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - self.open[1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            self.nested += elapsed
+            self.open = None
+
+    def elapsed(self, name):
+        """Seconds of phase `name` so far, the lap under way included (it is what the next `lap` will close)."""
+        running = time.perf_counter() - self.last - self.nested if name == "training" else 0.0
+        return self.seconds.get(name, 0.0) + running
+
+    # --- FLOPs ----------------------------------------------------------------------------------------------
+
+    def set_model(self, model, device, dtype):
+        """The model whose FLOPs are counted, and the peak of the device it runs on, in the run's dtype."""
+        self.model, self.device, self.torch_dtype = model, torch.device(device), dtype
+        self.peak, self.peak_source = peak_flops(self.device, dtype)
+        self.dtype = str(dtype).replace("torch.", "")
+
+    def counting_encoder(self, encode):
+        """`encode` (list of audio -> list of frames), counting the audio seconds it encodes (cache fill)."""
+        def counted(audios):
+            self.fill_audio_seconds += sum(len(a) for a in audios) / self.model.sampling_rate
+            return encode(audios)
+        return counted
+
+    def count_batch(self, model, inputs):
+        """One training batch as the collator made it: raw audio (the encoder runs in the step) or cached frames."""
+        labels = inputs["labels"]
+        prompt = labels.shape[0] * (len(model.prefix_ids) + len(model.suffix_ids))
+        if inputs.get("encoder_frames") is not None:
+            seconds = torch.zeros((), device=labels.device)
+            speech = model.adapter.output_lengths(inputs["frame_lengths"]).sum()
+        else:
+            seconds = inputs["audio_lengths"].sum().double() / model.sampling_rate
+            speech = model.speech_lengths(inputs["audio_lengths"]).sum()
+        counts = torch.stack([seconds.double(), speech.double(), torch.tensor(float(prompt), device=labels.device,
+                              dtype=torch.float64), (labels != -100).sum().double()])
+        self.sums = counts if self.sums is None else self.sums + counts
+        self.steps += 1
+
+    def flops(self):
+        """{encoder_cache_fill, encoder_in_steps, adapter_llm}: model FLOPs so far (this process's)."""
+        m = self.model
+        seconds, speech, prompt, targets = self.sums.tolist() if self.sums is not None else (0.0,) * 4
+        return dict(encoder_cache_fill=m.flops_per_step(self.fill_audio_seconds, 0, 0, 0),
+                    encoder_in_steps=m.flops_per_step(seconds, 0, 0, 0),
+                    adapter_llm=m.flops_per_step(0.0, speech, prompt, targets, train_encoder=False))
+
+    def training_mfu(self):
+        """MFU of the training phase so far: the steps' FLOPs over its wall time (logged with the loss)."""
+        flops = self.flops()
+        seconds = self.elapsed("training")
+        return (flops["encoder_in_steps"] + flops["adapter_llm"]) / max(seconds, 1e-9) / self.peak
+
+    # --- the report -----------------------------------------------------------------------------------------
+
+    def report(self, world_size=1, device="cpu"):
+        """The run's figures, all ranks summed (call it on every rank): phases, FLOPs, MFU. The whole-run MFU
+        is all model FLOPs over the whole wall time and the peak of every process's device."""
+        total = time.perf_counter() - self.start
+        flops = self.flops()
+        if world_size > 1:
+            values = torch.tensor(list(flops.values()), dtype=torch.float64, device=device)  # the group's device
+            torch.distributed.all_reduce(values)
+            flops = dict(zip(flops, values.tolist()))
+        phases = {name: round(s, 3) for name, s in self.seconds.items()}
+        phases["other"] = round(total - sum(self.seconds.values()), 3)  # saving, the report, what is left
+        all_flops = sum(flops.values())
+        peak = self.peak * world_size
+        step_flops = flops["encoder_in_steps"] + flops["adapter_llm"]
+        mfu = dict(whole_run=all_flops / total / peak)
+        for phase, phase_flops in (("training", step_flops), ("cache_fill", flops["encoder_cache_fill"])):
+            if self.seconds.get(phase, 0.0) > 0:
+                mfu[phase] = phase_flops / self.seconds[phase] / peak
+        if max(mfu.values()) > 1 and self.peak_source.startswith("measured"):
+            # more than the peak: the cached one was measured under another process's load; measure it again
+            # (the better figure is kept) and report against that
+            self.peak, self.peak_source = peak_flops(self.device, self.torch_dtype, remeasure=True)
+            mfu = {name: value * peak / (self.peak * world_size) for name, value in mfu.items()}
+            peak = self.peak * world_size
+        return dict(
+            wall_seconds=round(total, 3), phase_seconds=phases,
+            flops=dict(total=all_flops, encoder=flops["encoder_cache_fill"] + flops["encoder_in_steps"],
+                       adapter_llm=flops["adapter_llm"], **{f"encoder_{k}": flops[f"encoder_{k}"]
+                                                            for k in ("cache_fill", "in_steps")}),
+            training_steps=self.steps, processes=world_size, dtype=self.dtype, peak_flops_per_device=self.peak,
+            peak_source=self.peak_source,
+            mfu=mfu,
+        )
+
+
+def summary_line(report):
+    """One log line of the report."""
+    phases = ", ".join(f"{name} {s:.1f} s" for name, s in report["phase_seconds"].items())
+    f, mfu = report["flops"], report["mfu"]
+    return (f"efficiency: {report['wall_seconds']:.1f} s ({phases}); {f['total'] / 1e12:.3f} TFLOP of model work "
+            f"(encoder {f['encoder'] / 1e12:.3f}, adapter + LLM {f['adapter_llm'] / 1e12:.3f}); MFU "
+            + ", ".join(f"{100 * v:.1f}% {k.replace('_', ' ')}" for k, v in mfu.items())
+            + f" of {report['peak_flops_per_device'] / 1e12:.2f} TFLOP/s "
+            f"{report['dtype']} x {report['processes']} ({report['peak_source']})")
+
+
+def scalars(report):
+    """The report as flat numbers for Trainer.log (TensorBoard: train/efficiency_*)."""
+    out = {f"efficiency_{k}_seconds": v for k, v in report["phase_seconds"].items()}
+    out.update({f"efficiency_{k}_flops": v for k, v in report["flops"].items()})
+    out.update({f"efficiency_mfu_{k}": v for k, v in report["mfu"].items()})
+    out["efficiency_wall_seconds"] = report["wall_seconds"]
+    return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -1,0 +1,108 @@
+"""Every finetune.py run reports its own efficiency: present, in TensorBoard, and consistent (not fast)."""
+import json
+import os
+import time
+
+import pytest
+import torch
+from conftest import make_model
+from test_finetune import tiny_args
+
+import data
+import efficiency
+import finetune
+
+
+@pytest.fixture(autouse=True)
+def own_peak_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+
+
+def scalar_tags(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for root, _, files in os.walk(out / "runs"):
+        if any("tfevents" in f for f in files):
+            acc = EventAccumulator(root)
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["feature_cache", "encoder_in_steps"])
+def test_run_reports_flops_phases_and_mfu(tmp_path, cached):
+    out = tmp_path / "out"
+    extra = ["--feature_cache", str(tmp_path / "cache")] if cached else []
+    start = time.perf_counter()
+    assert finetune.main(tiny_args(out, *extra, steps=6)) == 0
+    wall = time.perf_counter() - start
+    report = json.loads((out / "efficiency.json").read_text())
+    phases = report["phase_seconds"]
+    assert {"startup", "indexing", "training", "evaluation"} <= set(phases)
+    assert ("cache_fill" in phases) == cached
+    assert all(s >= 0 for s in phases.values())
+    # the phases cover the run: their sum is its wall time (less the argument parsing before the clock starts)
+    assert sum(phases.values()) == pytest.approx(report["wall_seconds"], abs=0.01)
+    assert report["wall_seconds"] == pytest.approx(wall, rel=0.05, abs=0.5)
+    assert phases["training"] > 0 and phases["evaluation"] > 0  # eval every 4 steps and at the end
+    flops = report["flops"]
+    assert flops["adapter_llm"] > 0 and flops["encoder"] > 0
+    assert flops["total"] == pytest.approx(flops["encoder"] + flops["adapter_llm"])
+    assert flops["encoder"] == pytest.approx(flops["encoder_cache_fill"] + flops["encoder_in_steps"])
+    # the encoder runs once per clip (cache) or in every step, never both
+    assert (flops["encoder_cache_fill"] > 0, flops["encoder_in_steps"] > 0) == (cached, not cached)
+    assert report["training_steps"] == 6
+    for name, mfu in report["mfu"].items():
+        assert 0 < mfu <= 1, (name, mfu)
+    assert report["dtype"] == "float32" and report["peak_flops_per_device"] > 0
+    tags = scalar_tags(out)
+    for tag in ("train/efficiency_mfu_whole_run", "train/efficiency_training_seconds",
+                "train/efficiency_adapter_llm_flops", "train/mfu", "train/model_tflops"):
+        assert tag in tags, sorted(tags)
+
+
+def test_counted_flops_are_each_batchs_flops(train_clips):
+    # the running sums give exactly the per-batch FLOPs of flops_per_step, from the collator's real lengths
+    model = make_model()
+    collator = data.SpeechCollator(model.processor)
+    run = efficiency.RunEfficiency()
+    run.set_model(model, "cpu", torch.float32)
+    expected = 0.0
+    P, Q = len(model.prefix_ids), len(model.suffix_ids)
+    clips = list(zip(*train_clips))
+    for batch_clips in (clips[:3], clips[3:5]):
+        batch = collator([dict(id=str(i), audio=a, text=t, skipped=[]) for i, (a, t) in enumerate(batch_clips)])
+        run.count_batch(model, batch)
+        seconds = batch["audio_lengths"].sum().item() / model.sampling_rate
+        speech = model.speech_lengths(batch["audio_lengths"]).sum().item()
+        targets = (batch["labels"] != -100).sum().item()
+        expected += model.flops_per_step(seconds, speech, len(batch_clips) * (P + Q), targets)
+    flops = run.flops()
+    assert flops["encoder_in_steps"] + flops["adapter_llm"] == pytest.approx(expected, rel=1e-9)
+    assert flops["encoder_in_steps"] > 0 and flops["encoder_cache_fill"] == 0
+
+
+def test_peak_is_measured_once_per_device_and_dtype(monkeypatch):
+    calls = []
+    monkeypatch.setattr(efficiency, "matmul_peak", lambda device, dtype: calls.append(dtype) or 1e11)
+    cpu = torch.device("cpu")
+    assert efficiency.peak_flops(cpu, torch.float32)[0] == 1e11
+    assert efficiency.peak_flops(cpu, torch.float32)[0] == 1e11  # read from the cache file
+    assert efficiency.peak_flops(cpu, torch.bfloat16)[0] == 1e11
+    assert calls == [torch.float32, torch.bfloat16]
+    keys = json.loads(open(efficiency.peak_cache_path()).read())
+    assert len(keys) == 2 and all("float32" in k or "bfloat16" in k for k in keys)
+
+
+def test_a_peak_cached_too_low_is_measured_again(monkeypatch):
+    # a peak measured while the machine was shared reads too low; a run that beats it measures it again
+    peaks = iter([1e6, 1e15])
+    monkeypatch.setattr(efficiency, "matmul_peak", lambda device, dtype: next(peaks))
+    run = efficiency.RunEfficiency()
+    run.set_model(make_model(), "cpu", torch.float32)
+    run.fill_audio_seconds = 10.0  # about 1 GFLOP of encoder work in well under a second: above 1e6 FLOP/s
+    run.lap("cache_fill")
+    report = run.report()
+    assert report["peak_flops_per_device"] == 1e15 and 0 < report["mfu"]["whole_run"] <= 1
+    assert list(json.loads(open(efficiency.peak_cache_path()).read()).values()) == [1e15]
