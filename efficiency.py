@@ -37,11 +37,22 @@ def sync(device):
 def matmul_peak(device, dtype, n=None, windows=5, window_seconds=0.4):
     """Measured dense matmul FLOP/s on this device in this dtype: the best of a few short windows, so that
     another process's burst on a shared machine does not lower it (an MFU against it is then conservative)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    largest = n or (8192 if device.type == "cuda" else 2048)
+    # Grow the product from a small one while it fits a window many times over: a dtype the device has no fast
+    # matmul for (fp16 on most CPUs) takes minutes per product at full size, and would stall the run's start.
+    n = min(256, largest)
+    while n < largest:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        sync(device)
+        start = time.perf_counter()
+        a @ a
+        sync(device)
+        if time.perf_counter() - start > window_seconds / 20:
+            break
+        n *= 2
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
+    a @ b  # warm-up
     sync(device)
     best = 0.0
     for _ in range(windows):

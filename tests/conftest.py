@@ -1,9 +1,12 @@
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+# nor the user's Hugging Face home: the datasets cache and the measured matmul peaks go to a folder of their own
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="slam-asr-tests-hf-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
