@@ -133,8 +133,9 @@ class RunEfficiency:
         self.nested = 0.0  # time of nested phases since the last lap
         self.open = None  # (name, start) of the phase under way
         self.model = self.peak = self.peak_source = None
-        self.fill_audio_seconds = 0.0
-        self.sums = None  # (audio seconds through the encoder, speech tokens, prompt tokens, targets, encoded?)
+        self.fill_audio_seconds, self.fill_clips = 0.0, 0
+        # (audio seconds through the encoder, speech tokens, prompt tokens, targets, clips through the encoder)
+        self.sums = None
         self.steps = 0
 
     # --- time -----------------------------------------------------------------------------------------------
@@ -177,6 +178,7 @@ class RunEfficiency:
         """`encode` (list of audio -> list of frames), counting the audio seconds it encodes (cache fill)."""
         def counted(audios):
             self.fill_audio_seconds += sum(len(a) for a in audios) / self.model.sampling_rate
+            self.fill_clips += len(audios)  # Whisper's encoder costs a whole window per clip
             return encode(audios)
         return counted
 
@@ -184,23 +186,26 @@ class RunEfficiency:
         """One training batch as the collator made it: raw audio (the encoder runs in the step) or cached frames."""
         labels = inputs["labels"]
         prompt = labels.shape[0] * (len(model.prefix_ids) + len(model.suffix_ids))
-        if inputs.get("encoder_frames") is not None:
+        cached = inputs.get("encoder_frames") is not None
+        if cached:
             seconds = torch.zeros((), device=labels.device)
             speech = model.adapter.output_lengths(inputs["frame_lengths"]).sum()
         else:
             seconds = inputs["audio_lengths"].sum().double() / model.sampling_rate
             speech = model.speech_lengths(inputs["audio_lengths"]).sum()
+        encoded = 0.0 if cached else float(labels.shape[0])
         counts = torch.stack([seconds.double(), speech.double(), torch.tensor(float(prompt), device=labels.device,
-                              dtype=torch.float64), (labels != -100).sum().double()])
+                              dtype=torch.float64), (labels != -100).sum().double(),
+                              torch.tensor(encoded, device=labels.device, dtype=torch.float64)])
         self.sums = counts if self.sums is None else self.sums + counts
         self.steps += 1
 
     def flops(self):
         """{encoder_cache_fill, encoder_in_steps, adapter_llm}: model FLOPs so far (this process's)."""
         m = self.model
-        seconds, speech, prompt, targets = self.sums.tolist() if self.sums is not None else (0.0,) * 4
-        return dict(encoder_cache_fill=m.flops_per_step(self.fill_audio_seconds, 0, 0, 0),
-                    encoder_in_steps=m.flops_per_step(seconds, 0, 0, 0),
+        seconds, speech, prompt, targets, clips = self.sums.tolist() if self.sums is not None else (0.0,) * 5
+        return dict(encoder_cache_fill=m.flops_per_step(self.fill_audio_seconds, 0, 0, 0, clips=self.fill_clips),
+                    encoder_in_steps=m.flops_per_step(seconds, 0, 0, 0, clips=clips),
                     adapter_llm=m.flops_per_step(0.0, speech, prompt, targets, train_encoder=False))
 
     def training_mfu(self):
