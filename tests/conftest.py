@@ -133,3 +133,20 @@ def returns_within(seconds, call, fifo):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def assert_padded_batch_matches_singles(model, audios, texts):
+    """The summed token loss and the adapter's gradients of a padded batch equal those of each clip alone."""
+    def sum_loss_and_grads(a, t):
+        model.zero_grad()
+        batch = model.processor(audios=a, texts=t)
+        batch.pop("num_truncated")
+        out = model(**batch)
+        (out.loss * out.num_tokens).backward()  # summed token loss: adds up exactly across clips
+        return (out.loss * out.num_tokens).item(), [p.grad.clone() for p in model.adapter.parameters()]
+
+    batch_loss, batch_grads = sum_loss_and_grads(audios, texts)
+    singles = [sum_loss_and_grads([a], [t]) for a, t in zip(audios, texts)]
+    assert batch_loss == pytest.approx(sum(s[0] for s in singles), rel=1e-4)
+    for i, g in enumerate(batch_grads):
+        torch.testing.assert_close(g, sum(s[1][i] for s in singles), rtol=1e-3, atol=1e-5)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE, overfit, read_split
+from conftest import FIXTURE, assert_padded_batch_matches_singles, overfit, read_split
 
 from backbones import encoder_kind
 from model import SlamASR, SlamASRConfig
@@ -161,19 +161,7 @@ def test_padded_batch_matches_singles(encoder_dirs, clips, kind):
     assert len({len(a) for a in audios}) == 4  # really different lengths, so padding happens
     model = model_for(encoder_dirs, kind).train()
 
-    def sum_loss_and_grads(a, t):
-        model.zero_grad()
-        batch = model.processor(audios=a, texts=t)
-        batch.pop("num_truncated")
-        out = model(**batch)
-        (out.loss * out.num_tokens).backward()  # summed token loss: adds up exactly across clips
-        return (out.loss * out.num_tokens).item(), [p.grad.clone() for p in model.adapter.parameters()]
-
-    batch_loss, batch_grads = sum_loss_and_grads(audios, texts)
-    singles = [sum_loss_and_grads([a], [t]) for a, t in zip(audios, texts)]
-    assert batch_loss == pytest.approx(sum(s[0] for s in singles), rel=1e-4)
-    for i, g in enumerate(batch_grads):
-        torch.testing.assert_close(g, sum(s[1][i] for s in singles), rtol=1e-3, atol=1e-5)
+    assert_padded_batch_matches_singles(model, audios, texts)
     model.eval()
     assert model.transcribe(audios, batch_size=4, max_new_tokens=6) == [
         model.transcribe([a], max_new_tokens=6)[0] for a in audios]

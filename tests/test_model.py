@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, overfit, tiny_processor
+from conftest import assert_padded_batch_matches_singles, make_model, overfit, tiny_processor
 
 from backbones import tiny_backbones
 from model import (ADAPTERS, CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, GENERATION_CONFIG_NAME, WEIGHTS_NAME,
@@ -153,18 +153,7 @@ def test_padded_batch_matches_singles(train_clips, adapter):
     assert len({len(a) for a in audios}) == 4  # really different lengths, so padding happens
     model = make_model(adapter=adapter).train()
 
-    def sum_loss_and_grads(a, t):
-        model.zero_grad()
-        input_values, audio_lengths = model.processor.audio(a)
-        out = model(input_values, audio_lengths, model.processor.labels(t)[0])
-        (out.loss * out.num_tokens).backward()  # summed token loss: adds up exactly across clips
-        return (out.loss * out.num_tokens).item(), [p.grad.clone() for p in model.adapter.parameters()]
-
-    batch_loss, batch_grads = sum_loss_and_grads(audios, texts)
-    singles = [sum_loss_and_grads([a], [t]) for a, t in zip(audios, texts)]
-    assert batch_loss == pytest.approx(sum(s[0] for s in singles), rel=1e-4)
-    for i, g in enumerate(batch_grads):
-        torch.testing.assert_close(g, sum(s[1][i] for s in singles), rtol=1e-3, atol=1e-5)
+    assert_padded_batch_matches_singles(model, audios, texts)
 
 
 def test_head_on_targets_only_gives_the_same_loss(train_clips):
