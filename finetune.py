@@ -461,8 +461,11 @@ def publish_adapter(model, training_args, data_args, steps, eval_metrics):
 
     folder = hub_folder(model, training_args, data_args, steps, eval_metrics)
     api = HfApi(token=training_args.hub_token)
-    api.create_repo(training_args.hub_model_id, private=bool(training_args.hub_private_repo), exist_ok=True)
-    api.upload_folder(repo_id=training_args.hub_model_id, folder_path=folder,
+    repo, revision = training_args.hub_model_id, training_args.hub_revision
+    api.create_repo(repo, private=bool(training_args.hub_private_repo), exist_ok=True)
+    if revision:
+        api.create_branch(repo, branch=revision, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=folder, revision=revision,
                       commit_message=f"SLAM-ASR adapter after {steps} steps")
     logger.info(f"published {folder} to https://huggingface.co/{training_args.hub_model_id}")
 

@@ -306,11 +306,15 @@ def test_push_to_hub_publishes_the_adapter_with_a_model_card(tmp_path, monkeypat
     import huggingface_hub
     calls = {}
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.update(repo=repo_id))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, repo_id, folder_path, **kw: calls.update(upload=(repo_id, folder_path)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch",
+                        lambda self, repo_id, branch, **kw: calls.update(branch=(repo_id, branch)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, repo_id, folder_path, revision, **kw:
+                        calls.update(upload=(repo_id, folder_path, revision)))
     out = tmp_path / "out"
-    assert finetune.main(tiny_args(out, "--push_to_hub", "--hub_model_id", "someone/slam-asr-tiny", steps=4)) == 0
-    assert calls["repo"] == "someone/slam-asr-tiny" and calls["upload"][0] == "someone/slam-asr-tiny"
+    assert finetune.main(tiny_args(out, "--push_to_hub", "--hub_model_id", "someone/slam-asr-tiny",
+                                   "--hub_revision", "step-4", steps=4)) == 0
+    assert calls["repo"] == "someone/slam-asr-tiny" and calls["branch"] == ("someone/slam-asr-tiny", "step-4")
+    assert calls["upload"][0] == "someone/slam-asr-tiny" and calls["upload"][2] == "step-4"
     folder = calls["upload"][1]
     assert sorted(os.listdir(folder)) == sorted(["README.md", "adapter.safetensors", "slam_asr_config.json",
                                                  "prompt_ids.json", "generation_config.json"])
