@@ -734,20 +734,25 @@ class FeatureCache:
         return self._readers[shard].get_tensor(name)
 
 
-def fill_batches(durations, max_clips, max_seconds=None, max_padding=None):
-    """Index batches of consecutive `durations` (sorted ascending): at most `max_clips` clips and `max_seconds`
-    padded seconds (longest x clips) each; with `max_padding` (a fraction), only clips within that fraction of
-    the batch's longest. An encoder without an attention mask (group-norm HuBERT-base) then sees at most that
-    much zero padding, as it was pretrained on; 0 batches only clips of equal length."""
-    batches, current = [], []
-    for i, seconds in enumerate(durations):
+def fill_batches(durations, max_clips, max_seconds=None, max_padding=None, order=None):
+    """Index batches of consecutive clips in `order` (by default `durations`' own, which should then be ascending):
+    at most `max_clips` clips and `max_seconds` padded seconds (longest x clips) each; with `max_padding` (a
+    fraction), only clips within that fraction of the batch's longest. An encoder without an attention mask
+    (group-norm HuBERT-base) then sees at most that much zero padding, as it was pretrained on; 0 batches only
+    clips of equal length. duration_batches packs its training batches with it too."""
+    batches, current, longest, shortest = [], [], 0.0, 0.0
+    for i in range(len(durations)) if order is None else order:
+        seconds = durations[i]
         if current:
-            n = len(current) + 1
-            if (n > max_clips or (max_seconds is not None and seconds * n > max_seconds)
-                    or (max_padding is not None and durations[current[0]] < (1 - max_padding) * seconds)):
+            with_this, n = max(longest, seconds), len(current) + 1
+            if (n > max_clips or (max_seconds is not None and with_this * n > max_seconds)
+                    or (max_padding is not None and min(shortest, seconds) < (1 - max_padding) * with_this)):
                 batches.append(current)
                 current = []
+        if not current:
+            longest = shortest = seconds
         current.append(i)
+        longest, shortest = max(longest, seconds), min(shortest, seconds)
     if current:
         batches.append(current)
     return batches
@@ -783,16 +788,8 @@ def duration_batches(durations, max_batch_seconds, seed=0, jitter=0.0):
     keys = np.asarray(durations, dtype=np.float64)
     if jitter:
         keys = keys + rng.uniform(-jitter, jitter, len(keys))
-    batches, current, longest = [], [], 0.0
-    for i in np.argsort(keys, kind="stable").tolist():
-        with_this = max(longest, durations[i])
-        if current and with_this * (len(current) + 1) > max_batch_seconds:
-            batches.append(current)
-            current, with_this = [], durations[i]
-        current.append(i)
-        longest = with_this
-    if current:
-        batches.append(current)
+    batches = fill_batches(durations, len(durations), max_batch_seconds,
+                           order=np.argsort(keys, kind="stable").tolist())
     rng.shuffle(batches)
     return batches
 
