@@ -98,6 +98,11 @@ def word_error_rate(references, hypotheses, normalizer="whisper"):
     return counts
 
 
+def decoding_name(num_beams):
+    """How a hypothesis was decoded, as every WER line and the model card name it."""
+    return "greedy" if num_beams == 1 else f"beam search, {num_beams} beams"
+
+
 def wer_line(scores, decoding=None):
     """The one way a WER is reported: the figure, the counts, and what made it (decoding, normalizer)."""
     how = ", ".join(filter(None, [decoding, f"{scores['normalizer']} normalizer"]))

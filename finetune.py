@@ -496,10 +496,9 @@ def model_card(model, training_args, data_args, steps, eval_metrics):
         source = f"the manifest `{os.path.basename(d.train_manifest)}`"
     precision = "fp16" if t.fp16 else "bf16" if t.bf16 else "fp32"
     if "eval_wer" in eval_metrics:
-        beams = model.generation_config.num_beams
         scored = (f"WER **{100 * eval_metrics['eval_wer']:.2f}%** on {d.max_eval_samples or 'all'} clips of "
                   f"{d.eval_split or os.path.basename(d.eval_manifest or '')}, "
-                  f"{'greedy' if beams == 1 else f'beam search with {beams} beams'}, {d.wer_normalizer} normalizer "
+                  f"{data.decoding_name(model.generation_config.num_beams)}, {d.wer_normalizer} normalizer "
                   f"({'Whisper English' if d.wer_normalizer == 'whisper' else 'lower case, no punctuation'}).")
     else:
         scored = "Not evaluated during training."

@@ -32,7 +32,7 @@ def show(references, hypotheses, label):
     for ref, hyp in zip(references, hypotheses):
         print(f"  REF: {ref}\n  HYP: {hyp}\n")
     if any(references):
-        print(f"{data.wer_line(data.word_error_rate(references, hypotheses), 'greedy')} -- {label}")
+        print(f"{data.wer_line(data.word_error_rate(references, hypotheses), data.decoding_name(1))} -- {label}")
 
 
 def tiny_demo(steps):

@@ -342,7 +342,7 @@ class SlamASRTrainer(Trainer):
             if failed:
                 logger.warning(f"eval WER: {len(failed)} clips could not be read and were left out, e.g. {failed[0]}")
         beams = model.generation_config.num_beams
-        logger.info(f"eval {data.wer_line(scores, 'greedy' if beams == 1 else f'beam search, {beams} beams')}; "
+        logger.info(f"eval {data.wer_line(scores, data.decoding_name(beams))}; "
                     f"{len(rows)} clips")
         return {"wer": scores["wer"], "wer_substitutions": scores["substitutions"],
                 "wer_deletions": scores["deletions"], "wer_insertions": scores["insertions"], "wer_num_beams": beams}

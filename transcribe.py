@@ -181,7 +181,7 @@ def decoding(args, model=None):
     else:
         saved = Path(resolve_adapter_dir(args.adapter)) / GENERATION_CONFIG_NAME
         beams = args.num_beams or (json.loads(saved.read_text()).get("num_beams", 1) if saved.is_file() else 1)
-    return "greedy" if beams == 1 else f"beam search, {beams} beams"
+    return data.decoding_name(beams)
 
 
 def transcribe_records(model, records, batch_size, max_duration=None, chunk_seconds=30.0):
