@@ -34,6 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import data
 from model import CONFIG_NAME, WEIGHTS_NAME, SlamASR, SlamASRConfig
+from processor import write_text_atomic
 
 logger = logging.getLogger("finetune")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is a torn write
@@ -357,9 +358,7 @@ def checkpoint_is_complete(path):
 
 
 def mark_complete(path, global_step):
-    with open(os.path.join(path, COMPLETE_MARKER + ".tmp"), "w") as f:
-        json.dump({"global_step": global_step}, f)
-    os.replace(os.path.join(path, COMPLETE_MARKER + ".tmp"), os.path.join(path, COMPLETE_MARKER))
+    write_text_atomic(os.path.join(path, COMPLETE_MARKER), json.dumps({"global_step": global_step}))
 
 
 @contextlib.contextmanager

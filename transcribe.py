@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 import data
 from backbones import load_backbones
 from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
+from processor import write_text_atomic
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3"}
 
@@ -274,15 +275,12 @@ def output_row(record):
 
 def write_in_input_order(path, rows, records):
     """Rewrites --output with its lines in input order (lines for paths that are not inputs of this run, from
-    an earlier --resume'd run, last): a temporary file, then a rename, so a kill leaves one whole file."""
+    an earlier --resume'd run, last), written atomically: a kill leaves one whole file."""
     order = {}
     for i, r in enumerate(records):
         order.setdefault(r["audio"], i)
     rows = sorted(rows, key=lambda row: order.get(row["path"], len(records)))  # stable: repeats keep their order
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def summarize(rows, output, decoded, normalizer):
