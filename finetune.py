@@ -295,9 +295,9 @@ def setup_logging(training_args):
 def load_model(config, model_args, data_args, training_args):
     """The backbones in half precision when training in it (float32 otherwise), the decoding options of the eval
     WER in the model's generation_config (saved with the adapter)."""
-    dtype = None if training_dtype(training_args) == torch.float32 else training_dtype(training_args)
     with training_args.main_process_first(desc="loading backbones"):  # one download, the others read the cache
-        model = SlamASR.from_config(config, torch_dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+        model = SlamASR.from_config(config, torch_dtype=training_dtype(training_args),
+                                    trust_remote_code=model_args.trust_remote_code)
     window = model.processor.max_samples  # Whisper's encoder takes 30 s at most: say so now, not at the first batch
     if window is not None and data_args.max_duration > window / model.sampling_rate:
         raise ValueError(f"--max_duration {data_args.max_duration:g}: {config.encoder} takes clips of at most "
