@@ -102,6 +102,17 @@ def decode_speed(clips, n=8):
     return decoded / max(time.process_time() - start, 1e-9)
 
 
+def sharing(module, **submodules):
+    """A shallow copy of `module` with `submodules` put in: the rest (the frozen backbones) is shared, not copied.
+    copy.copy alone would share the table of submodules too, and putting one into the copy would replace it in
+    the original (and in every other configuration)."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    for name, submodule in submodules.items():
+        setattr(clone, name, submodule)
+    return clone
+
+
 def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, lr=1e-4):
     """Trains `len(batches)` steps (the first `warmup` untimed); returns throughput, time split and more."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -214,6 +225,7 @@ def main(argv=None):
                   duration=(False, True, False, False), head=(False, False, True, False),
                   half=(False, False, False, True), all=(True, True, True, half is not None))
     half_base = None
+    initial_adapter = copy.deepcopy(base.adapter)
     caches, fill_speed = {}, {}
     results = []
     workdir = tempfile.TemporaryDirectory(prefix="bench-cache-")
@@ -228,12 +240,10 @@ def main(argv=None):
                 half_base.encoder.to(half)
                 half_base.llm.to(half)
             model = half_base
-        model = copy.copy(model)  # shares the frozen backbones; its own adapter from the same init below
-        model.adapter = copy.deepcopy(base.adapter)
+        model = sharing(model, adapter=copy.deepcopy(initial_adapter))  # every configuration starts from one init
         model.head_on_targets_only = head_only
         if args.compile and name == "all":
-            model.llm = copy.copy(model.llm)
-            model.llm.model = torch.compile(model.llm.model, dynamic=True)
+            model.llm = sharing(model.llm, model=torch.compile(model.llm.model, dynamic=True))
         cache = None
         if use_cache:
             dtype = next(model.encoder.parameters()).dtype

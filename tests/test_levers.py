@@ -190,6 +190,23 @@ def test_bench_smoke(tmp_path):
     assert (tmp_path / "b.json").is_file()
 
 
+def test_bench_configurations_share_the_backbones_and_start_from_one_adapter():
+    # copy.copy of a module shares its table of submodules: an adapter put into such a copy replaced the base's
+    # too, and each bench configuration started from the previous one's trained adapter
+    import copy
+
+    import bench
+    from model import SlamASR, SlamASRConfig
+    base = SlamASR.from_backbones(SlamASRConfig(encoder="tiny", llm="tiny"), *bench.build_backbones("tiny"))
+    initial = base.adapter
+    variant = bench.sharing(base, adapter=copy.deepcopy(initial))
+    assert base.adapter is initial and variant.adapter is not initial
+    assert variant.llm is base.llm and variant.encoder is base.encoder
+    compiled_body = torch.nn.Identity()
+    llm = bench.sharing(base.llm, model=compiled_body)
+    assert llm.model is compiled_body and base.llm.model is not compiled_body and llm.lm_head is base.llm.lm_head
+
+
 def test_loader_defaults_fit_the_machine(monkeypatch):
     # a loader worker per core at most (4 on a 2-core machine took cycles from the step's own threads), pinned
     # memory only where there is a GPU to copy to; both still overridable
