@@ -110,8 +110,12 @@ def parse_args(argv):
                         save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
                         do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
                         prediction_loss_only=True,
-                        # a loader worker per core at most: more only take cycles from the step's own threads
-                        dataloader_num_workers=min(4, os.cpu_count() or 1))
+                        # Loader workers only pay where the device computes while the CPU loads: on a GPU, one per
+                        # core at most. On a CPU the step's own threads use every core, and decoding a batch takes
+                        # ~1% of a step, so workers only take cycles from it. Started once per run, not per epoch:
+                        # each start forks the process and refills its queue while the step runs.
+                        dataloader_num_workers=min(4, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
+                        dataloader_persistent_workers=True)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         # The file's values become the parser's defaults and the rest of argv parses on top, so a file gets the
         # defaults above and takes overrides after it, exactly as the command line does. (HfArgumentParser's
@@ -195,6 +199,8 @@ def parse_args(argv):
                              "--group_by_length")
     if training_args.use_cpu or not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # page-locked memory only speeds up copies to a GPU
+    if training_args.dataloader_num_workers == 0:
+        training_args.dataloader_persistent_workers = False  # nothing to keep (DataLoader refuses the pair)
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
     if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:
