@@ -14,13 +14,17 @@ logger = logging.getLogger(__name__)
 TINY = "tiny"  # name of the built-in tiny random backbones, usable for `encoder` and/or `llm`
 
 
-def load_backbones(config, torch_dtype=None, trust_remote_code=False):
+def load_backbones(config, torch_dtype=None, trust_remote_code=False, attn_implementation=None):
     """(encoder, llm, tokenizer, feature_extractor) for the names in `config`; "tiny" builds them offline.
     Both backbones run in `torch_dtype`, float32 when None: whatever dtype a checkpoint was saved in
-    (TinyLlama's hub weights are bfloat16), a float32 run gets float32 backbones."""
+    (TinyLlama's hub weights are bfloat16), a float32 run gets float32 backbones. `attn_implementation`
+    ("eager", "sdpa", "flash_attention_2", as from_pretrained takes it) is the attention kernel of both;
+    None leaves transformers' choice (sdpa for HuBERT and Llama)."""
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     tiny = tiny_backbones() if TINY in (config.encoder, config.llm) else None
+
+    model_kwargs = dict(attn_implementation=attn_implementation) if attn_implementation else {}
 
     def load(what, name, fn, **kwargs):
         try:
@@ -43,22 +47,28 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False):
             from transformers import WhisperModel
 
             whisper = load("speech encoder", config.encoder, WhisperModel.from_pretrained,
-                           dtype=torch_dtype or torch.float32)
+                           dtype=torch_dtype or torch.float32, **model_kwargs)
             encoder = whisper.get_encoder()
             del whisper
         else:
             encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained,
-                           dtype=torch_dtype or torch.float32)
+                           dtype=torch_dtype or torch.float32, **model_kwargs)
         feature_extractor = load("feature extractor", config.encoder, AutoFeatureExtractor.from_pretrained)
     if config.llm == TINY:
         llm, tokenizer = tiny[1], tiny[2]
     else:
-        llm = load("LLM", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch_dtype or torch.float32)
+        llm = load("LLM", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch_dtype or torch.float32,
+                   **model_kwargs)
         tokenizer = load("tokenizer", config.llm, AutoTokenizer.from_pretrained)
     # transformers 5 reads dtype=None as "auto", the checkpoint's own dtype: always name the one wanted
     torch_dtype = torch_dtype or torch.float32
     encoder, llm = encoder.to(torch_dtype), llm.to(torch_dtype)
-    logger.info(f"speech encoder {config.encoder!r} runs in {torch_dtype}, LLM {config.llm!r} in {torch_dtype}; "
+    if attn_implementation:  # the tiny backbones are built, not loaded: they take it here
+        for name, built in ((config.encoder, encoder), (config.llm, llm)):
+            if name == TINY:
+                built.set_attn_implementation(attn_implementation)
+    logger.info(f"speech encoder {config.encoder!r} runs in {torch_dtype} with {encoder.config._attn_implementation} "
+                f"attention, LLM {config.llm!r} in {torch_dtype} with {llm.config._attn_implementation} attention; "
                 "the adapter trains in float32")
     return encoder, llm, tokenizer, feature_extractor
 

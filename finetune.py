@@ -41,6 +41,9 @@ class ModelArguments:
 
     trust_remote_code: bool = field(default=False,
                                     metadata={"help": "Allow backbones whose hub repo ships its own code."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel of both backbones, as from_pretrained takes it: sdpa (transformers' default), "
+                "eager, flash_attention_2. On a CPU, eager trains faster (docs/PERFORMANCE.md)."})
 
 
 @dataclass
@@ -303,7 +306,8 @@ def load_model(config, model_args, data_args, training_args):
     WER in the model's generation_config (saved with the adapter)."""
     with training_args.main_process_first(desc="loading backbones"):  # one download, the others read the cache
         model = SlamASR.from_config(config, torch_dtype=training_dtype(training_args),
-                                    trust_remote_code=model_args.trust_remote_code)
+                                    trust_remote_code=model_args.trust_remote_code,
+                                    attn_implementation=model_args.attn_implementation)
     window = model.processor.max_samples  # Whisper's encoder takes 30 s at most: say so now, not at the first batch
     if window is not None and data_args.max_duration > window / model.sampling_rate:
         raise ValueError(f"--max_duration {data_args.max_duration:g}: {config.encoder} takes clips of at most "

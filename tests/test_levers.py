@@ -274,3 +274,30 @@ def test_maskless_encoder_fill_batches_near_equal_clips_and_keeps_the_loss(train
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)
     assert data.fill_batches([2.0, 2.0, 2.0, 3.0], 8, max_padding=0.0) == [[0, 1, 2], [3]]  # equal lengths batch
     assert data.fill_batches([1.0, 2.0, 3.0, 4.0], 8, max_seconds=6.0) == [[0, 1], [2], [3]]  # padded seconds cap
+
+
+def test_eager_attention_keeps_the_loss_and_padded_batches(train_set, tmp_path):
+    # --attn_implementation eager (faster than sdpa on a CPU): both backbones take it, loaded by path or built
+    # tiny; the loss is sdpa's, and a padded batch still gives each clip's own loss and gradients
+    from backbones import load_backbones, tiny_backbones
+    from conftest import assert_padded_batch_matches_singles
+    from model import SlamASR, SlamASRConfig
+    encoder, llm, tokenizer, feature_extractor = tiny_backbones(0)
+    for folder, parts in (("encoder", (encoder, feature_extractor)), ("llm", (llm, tokenizer))):
+        for part in parts:
+            part.save_pretrained(tmp_path / folder)
+    config = SlamASRConfig(encoder=str(tmp_path / "encoder"), llm=str(tmp_path / "llm"), adapter_hidden=256)
+    models = {}
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        models[attention] = SlamASR.from_config(config, attn_implementation=attention)
+        assert models[attention].encoder.config._attn_implementation == attention
+        assert models[attention].llm.config._attn_implementation == attention
+    built = load_backbones(SlamASRConfig(encoder="tiny", llm="tiny"), attn_implementation="eager")
+    assert built[0].config._attn_implementation == built[1].config._attn_implementation == "eager"
+    audios = [train_set[i]["audio"] for i in range(3)]
+    texts = [train_set[i]["text"] for i in range(3)]
+    with torch.no_grad():
+        losses = {name: model.loss(audios, texts) for name, model in models.items()}
+    torch.testing.assert_close(losses["eager"], losses["sdpa"], rtol=1e-5, atol=1e-6)
+    assert_padded_batch_matches_singles(models["eager"], audios, texts)
