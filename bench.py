@@ -188,7 +188,9 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--end_to_end", action="store_true", help="whole runs: finetune.py vs a straightforward trainer")
     p.add_argument("--epochs", type=int, default=3, help="--end_to_end: epochs of each run")
-    p.add_argument("--finetune_args", default="", help="--end_to_end: more finetune.py arguments, e.g. --bf16")
+    p.add_argument("--finetune_args", action="append",
+                   help="--end_to_end: more finetune.py arguments, e.g. --bf16; given again, another finetune.py run "
+                        "in the same invocation (default: one run of the plain recipe)")
     p.add_argument("--workdir", help="--end_to_end: folder for backbones, clips and outputs (default: temporary)")
     p.add_argument("--fill_lever", action="store_true",
                    help="cache fill of a mask-less encoder (base): one clip at a time vs near-equal batches")
@@ -398,12 +400,12 @@ def straightforward_run(workdir, epochs):
 
 
 def end_to_end(args):
-    """Both runs, one after the other in this invocation, on the same inputs; wall time from outside each
-    process. MFU against a matmul peak measured here, in the dtype finetune.py runs in."""
+    """The straightforward trainer, then finetune.py once per --finetune_args, then the straightforward trainer
+    again, one after the other in this invocation, on the same inputs; wall time and CPU seconds from outside each
+    process. The ratio is against the mean of the two baseline runs (their difference says how much the machine's
+    load moved meanwhile). MFU against a matmul peak measured here, in the dtype each run computes in."""
     import os
-    import resource
     import shlex
-    import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -411,53 +413,74 @@ def end_to_end(args):
     audio_seconds = write_inputs(workdir, args.size, E2E_CLIPS)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     mean = audio_seconds / E2E_CLIPS
-    finetune_cmd = [sys.executable, f"{here}/finetune.py", "--encoder", f"{workdir}/encoder",
-                    "--llm", f"{workdir}/llm", "--train_manifest", f"{workdir}/train.jsonl",
-                    "--output_dir", f"{workdir}/out", "--feature_cache", f"{workdir}/cache",
-                    "--max_batch_seconds", f"{E2E_BATCH * mean:.1f}", "--num_train_epochs", str(args.epochs),
-                    *(["--use_cpu"] if args.device == "cpu" else []), "--seed", "0",
-                    *shlex.split(args.finetune_args)]
+    baseline_cmd = [sys.executable, f"{here}/bench.py", "--straightforward", workdir, "--epochs", str(args.epochs)]
     print(f"{args.size} backbones and {E2E_CLIPS} clips ({audio_seconds:.0f} audio s) in {workdir}; "
           f"{args.epochs} epochs each")
-    runs = {}
-    for name, cmd in (("straightforward", [sys.executable, f"{here}/bench.py", "--straightforward", workdir,
-                                           "--epochs", str(args.epochs)]), ("finetune", finetune_cmd)):
-        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        # CPU seconds as well as wall time: on a shared machine another tenant's load moves the wall time of
-        # one run and not the other's; the CPU time it took moves much less
-        runs[name] = dict(wall_seconds=time.perf_counter() - start, command=shlex.join(cmd),
-                          cpu_seconds=after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-                          load_average_before=os.getloadavg()[0])
-        if done.returncode:
-            raise SystemExit(f"{name} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        print(f"  {name}: {runs[name]['wall_seconds']:.1f} s wall, {runs[name]['cpu_seconds']:.1f} CPU s")
-        if name == "straightforward":
-            runs[name].update(json.loads(done.stdout.strip().splitlines()[-1]))
-    with open(f"{workdir}/out/efficiency.json") as f:
-        report = json.load(f)
-    runs["finetune"]["efficiency"] = report
-    runs["finetune"]["flops"] = report["flops"]["total"]
-    dtype = getattr(torch, report["dtype"])
-    peak = matmul_peak(torch.device(args.device), dtype)
-    for run in runs.values():
-        run["mfu"] = run["flops"] / run["wall_seconds"] / peak
-    ratio = runs["straightforward"]["wall_seconds"] / runs["finetune"]["wall_seconds"]
-    cpu_ratio = runs["straightforward"]["cpu_seconds"] / runs["finetune"]["cpu_seconds"]
+    baselines = [timed_run("straightforward", baseline_cmd, env)]
+    variants = []
+    for i, extra in enumerate(args.finetune_args or [""]):
+        cmd = [sys.executable, f"{here}/finetune.py", "--encoder", f"{workdir}/encoder", "--llm", f"{workdir}/llm",
+               "--train_manifest", f"{workdir}/train.jsonl", "--output_dir", f"{workdir}/out{i}",
+               "--feature_cache", f"{workdir}/cache{i}", "--max_batch_seconds", f"{E2E_BATCH * mean:.1f}",
+               "--num_train_epochs", str(args.epochs), *(["--use_cpu"] if args.device == "cpu" else []),
+               "--seed", "0", *shlex.split(extra)]
+        run = timed_run(f"finetune.py {extra}".strip(), cmd, env)
+        with open(f"{workdir}/out{i}/efficiency.json") as f:
+            run["efficiency"] = json.load(f)
+        run.update(finetune_args=extra, flops=run["efficiency"]["flops"]["total"], dtype=run["efficiency"]["dtype"])
+        variants.append(run)
+    baselines.append(timed_run("straightforward, again", baseline_cmd, env))
+
+    peaks = {}
+    for run in variants + baselines:
+        dtype = run.get("dtype", "float32")
+        if dtype not in peaks:
+            peaks[dtype] = matmul_peak(torch.device(args.device), getattr(torch, dtype))
+        run["mfu"] = run["flops"] / run["wall_seconds"] / peaks[dtype]
+    baseline_wall = float(np.mean([b["wall_seconds"] for b in baselines]))
+    baseline_cpu = float(np.mean([b["cpu_seconds"] for b in baselines]))
+    print(f"straightforward trainer: {baselines[0]['wall_seconds']:.1f} s and {baselines[1]['wall_seconds']:.1f} s "
+          f"wall, {100 * baselines[0]['mfu']:.1f}% MFU of {peaks['float32'] / 1e12:.3f} TFLOP/s float32")
+    for run in variants:
+        run["speedup"] = baseline_wall / run["wall_seconds"]
+        run["speedup_cpu_seconds"] = baseline_cpu / run["cpu_seconds"]
+        print(f"{run['name']}: {run['speedup']:.2f}x the straightforward trainer ({run['speedup_cpu_seconds']:.2f}x "
+              f"in CPU seconds); whole-run MFU {100 * run['mfu']:.1f}% of {peaks[run['dtype']] / 1e12:.3f} TFLOP/s "
+              f"{run['dtype']} measured now; phases {run['efficiency']['phase_seconds']}")
     load = os.getloadavg()
-    summary = dict(size=args.size, device=args.device, dtype=report["dtype"], epochs=args.epochs, clips=E2E_CLIPS,
-                   audio_seconds=audio_seconds, matmul_peak_flops=peak, cpu_count=os.cpu_count(),
-                   load_average_after=load, speedup=ratio, speedup_cpu_seconds=cpu_ratio, runs=runs)
-    print(f"end to end: finetune.py {ratio:.2f}x the straightforward trainer ({cpu_ratio:.2f}x in CPU seconds); "
-          f"whole-run MFU "
-          f"{100 * runs['finetune']['mfu']:.1f}% (straightforward {100 * runs['straightforward']['mfu']:.1f}%) of "
-          f"{peak / 1e12:.3f} TFLOP/s {report['dtype']} measured now; finetune.py's phases "
-          f"{report['phase_seconds']}; load average after {load[0]:.1f} on {os.cpu_count()} cores")
+    print(f"load average after {load[0]:.1f} on {os.cpu_count()} cores")
+    summary = dict(size=args.size, device=args.device, epochs=args.epochs, clips=E2E_CLIPS,
+                   audio_seconds=audio_seconds, matmul_peak_flops=peaks, cpu_count=os.cpu_count(),
+                   load_average_after=load, straightforward=baselines, finetune=variants)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def timed_run(name, cmd, env):
+    """Runs `cmd` to its end: wall time and CPU seconds (its own and its children's) taken from outside it; a
+    straightforward run's own JSON line (its FLOPs) merged in."""
+    import os
+    import resource
+    import shlex
+    import subprocess
+
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds as well as wall time: on a shared machine another tenant's load moves the wall time of one run
+    # and not the other's; the CPU time it took moves much less
+    run = dict(name=name, command=shlex.join(cmd), wall_seconds=time.perf_counter() - start,
+               cpu_seconds=after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+               load_average_before=load)
+    if done.returncode:
+        raise SystemExit(f"{name} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    print(f"  {name}: {run['wall_seconds']:.1f} s wall, {run['cpu_seconds']:.1f} CPU s", flush=True)
+    if "--straightforward" in cmd:
+        run.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return run
 
 
 if __name__ == "__main__":

@@ -301,3 +301,18 @@ def test_eager_attention_keeps_the_loss_and_padded_batches(train_set, tmp_path):
         losses = {name: model.loss(audios, texts) for name, model in models.items()}
     torch.testing.assert_close(losses["eager"], losses["sdpa"], rtol=1e-5, atol=1e-6)
     assert_padded_batch_matches_singles(models["eager"], audios, texts)
+
+
+def test_end_to_end_bench_runs_each_finetune_variant_between_two_baselines(tmp_path):
+    import bench
+    summary = bench.main(["--end_to_end", "--size", "tiny", "--epochs", "1", "--workdir", str(tmp_path),
+                          "--finetune_args", "--attn_implementation eager", "--json", str(tmp_path / "e2e.json")])
+    assert [b["name"] for b in summary["straightforward"]] == ["straightforward", "straightforward, again"]
+    assert all(b["flops"] > 0 and b["wall_seconds"] > 0 for b in summary["straightforward"])
+    (run,) = summary["finetune"]
+    assert run["finetune_args"] == "--attn_implementation eager" and run["dtype"] == "float32"
+    assert run["flops"] == run["efficiency"]["flops"]["total"] > 0 and 0 < run["mfu"] < 1
+    assert run["speedup"] == pytest.approx(
+        (summary["straightforward"][0]["wall_seconds"] + summary["straightforward"][1]["wall_seconds"]) / 2
+        / run["wall_seconds"])
+    assert json.loads((tmp_path / "e2e.json").read_text())["finetune"][0]["name"] == run["name"]
