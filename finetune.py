@@ -11,6 +11,7 @@ Every argument can also come from a JSON or YAML file, with the same defaults: `
 (arguments after the file override it).
 """
 
+import gc
 import json
 import logging
 import os
@@ -564,4 +565,7 @@ if __name__ == "__main__":
         # leave together: a rank that exits while its peer still holds the gloo/NCCL group can abort
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # Skip the interpreter's last full garbage collection: it walks every object torch and transformers made
+    # (1.2 s per process on a 2-core machine) to free memory that the OS takes back at exit anyway.
+    gc.freeze()
     sys.exit(code)
