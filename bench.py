@@ -18,9 +18,11 @@ float32), both reading the same backbones saved to folders and the same flac cli
 
 import argparse
 import copy
+import glob
 import io
 import json
 import math
+import os
 import tempfile
 import time
 
@@ -68,8 +70,12 @@ def synthetic_corpus(n, seed=0):
     """LibriSpeech-like mix: 2-20 s (mean about 12 s), transcripts of matching length, noise for audio."""
     rng = np.random.default_rng(seed)
     durations = 2 + 18 * rng.beta(3.0, 2.4, size=n)
-    words = data.normalize_transcript(open(__file__.replace("bench.py", "model.py")).read()).split()
-    words = [w for w in words if w.isalpha()][:2000]
+    # words of the bundled LibriSpeech fixture's transcripts: a fixed text, so that every commit benchmarks the
+    # same token counts (words taken from model.py's source changed with each of its docstrings)
+    transcripts = sorted(glob.glob(f"{os.path.dirname(os.path.abspath(__file__))}/tests/fixtures/LibriSpeech/"
+                                   "*/*/*/*.trans.txt"))
+    words = [w for path in transcripts for line in open(path) for w in line.split()[1:]]
+    words = [w for w in data.normalize_transcript(" ".join(words)).split() if w.isalpha()]
     clips = []
     for i, d in enumerate(durations):
         audio = (0.1 * rng.standard_normal(int(d * data.SAMPLE_RATE))).astype(np.float32)
@@ -355,7 +361,6 @@ E2E_BATCH = 4
 def write_inputs(workdir, size, clips):
     """The `size` backbones saved with save_pretrained (encoder/, llm/) and `clips` synthetic clips as flac files
     in train.jsonl: what both runs read."""
-    import os
 
     encoder, llm, tokenizer, feature_extractor = build_backbones(size)
     encoder.save_pretrained(f"{workdir}/encoder")
@@ -404,7 +409,6 @@ def end_to_end(args):
     again, one after the other in this invocation, on the same inputs; wall time and CPU seconds from outside each
     process. The ratio is against the mean of the two baseline runs (their difference says how much the machine's
     load moved meanwhile). MFU against a matmul peak measured here, in the dtype each run computes in."""
-    import os
     import shlex
     import sys
 
@@ -461,7 +465,6 @@ def end_to_end(args):
 def timed_run(name, cmd, env):
     """Runs `cmd` to its end: wall time and CPU seconds (its own and its children's) taken from outside it; a
     straightforward run's own JSON line (its FLOPs) merged in."""
-    import os
     import resource
     import shlex
     import subprocess
