@@ -34,6 +34,7 @@ logger = logging.getLogger("finetune")
 # Zero padding a mask-less encoder (group-norm HuBERT-base) may see in a cache-fill batch, as a fraction of the
 # batch's longest clip: it was pretrained on padded batches; 2% keeps the loss (tests/test_levers.py)
 FILL_MAX_PADDING = 0.02
+AUTO_WORKERS = -1  # --dataloader_num_workers' default: chosen for the device once the arguments are parsed
 
 
 @dataclass
@@ -114,12 +115,7 @@ def parse_args(argv):
                         save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
                         do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
                         prediction_loss_only=True,
-                        # Loader workers only pay where the device computes while the CPU loads: on a GPU, one per
-                        # core at most. On a CPU the step's own threads use every core, and decoding a batch takes
-                        # ~1% of a step, so workers only take cycles from it. Started once per run, not per epoch:
-                        # each start forks the process and refills its queue while the step runs.
-                        dataloader_num_workers=min(4, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
-                        dataloader_persistent_workers=True)
+                        dataloader_num_workers=AUTO_WORKERS, dataloader_persistent_workers=True)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         # The file's values become the parser's defaults and the rest of argv parses on top, so a file gets the
         # defaults above and takes overrides after it, exactly as the command line does. (HfArgumentParser's
@@ -201,10 +197,20 @@ def parse_args(argv):
         if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
             raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "
                              "--group_by_length")
-    if training_args.use_cpu or not torch.cuda.is_available():
+    on_cpu = (training_args.use_cpu or not torch.cuda.is_available()
+              or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    if on_cpu:
         training_args.dataloader_pin_memory = False  # page-locked memory only speeds up copies to a GPU
+    if training_args.dataloader_num_workers == AUTO_WORKERS:
+        # Loader workers only pay where the device computes while the CPU loads. On a CPU the step's own threads
+        # use every core and decoding a batch takes ~1% of a step: none. On GPUs, a share of the machine's cores
+        # per process, at most 4 each.
+        per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        training_args.dataloader_num_workers = 0 if on_cpu else max(1, min(4, per_process))
     if training_args.dataloader_num_workers == 0:
-        training_args.dataloader_persistent_workers = False  # nothing to keep (DataLoader refuses the pair)
+        # Persistent workers start once per run, not per epoch (each start forks the process and refills its
+        # queue while the step runs); without workers there is nothing to keep, and DataLoader refuses the pair.
+        training_args.dataloader_persistent_workers = False
     if data_args.group_by_length:
         training_args.train_sampling_strategy = "group_by_length"
     if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:

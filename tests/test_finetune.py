@@ -68,7 +68,8 @@ def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
     assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
 
 
-@pytest.mark.parametrize("batching", [(), ("--max_batch_seconds", "7")])  # duration batches: 2 per epoch
+# duration batches: 2 per epoch, read by 2 persistent loader workers (resuming skips batches through them)
+@pytest.mark.parametrize("batching", [(), ("--max_batch_seconds", "7", "--dataloader_num_workers", "2")])
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, batching):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ("--eval_split", "", "--save_total_limit", "5", *batching)

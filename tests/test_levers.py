@@ -157,8 +157,10 @@ def test_half_precision_backbones_keep_the_loss(train_set):
     inputs = (*full.processor.audio(audios), full.processor.labels(texts)[0])
     with torch.no_grad():
         torch.testing.assert_close(half(*inputs).loss, full(*inputs).loss, rtol=3e-2, atol=0)
+        reference = full(*inputs).loss  # float32 throughout
         with torch.autocast("cpu", dtype=torch.bfloat16):  # what --bf16 adds on a CPU (Trainer's autocast)
-            torch.testing.assert_close(half(*inputs).loss.float(), full(*inputs).loss, rtol=3e-2, atol=0)
+            autocast_loss = half(*inputs).loss
+        torch.testing.assert_close(autocast_loss.float(), reference, rtol=3e-2, atol=0)
 
 
 def test_compiled_llm_body_keeps_the_loss_and_gradients(train_set):
@@ -211,23 +213,32 @@ def test_bench_configurations_share_the_backbones_and_start_from_one_adapter():
 
 def test_loader_defaults_fit_the_machine(monkeypatch):
     # On a CPU the step's threads use every core: no loader workers (2 of them on this 2-core machine, restarted
-    # each epoch, made the training phase 1.3x slower). With a GPU, a worker per core up to 4, kept for the whole
-    # run; pinned memory only where there is a GPU to copy to. All still overridable.
+    # each epoch, made the training phase 1.3x slower). With GPUs, each process's share of the cores up to 4
+    # workers, kept for the whole run; pinned memory only where there is a GPU to copy to. All overridable.
     import finetune
     args = ["--encoder", "tiny", "--llm", "tiny", "--train_manifest", "m.jsonl"]
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     training_args = finetune.parse_args(args)[3]
     assert training_args.dataloader_num_workers == 0 and not training_args.dataloader_persistent_workers
     assert not training_args.dataloader_pin_memory
     workers = finetune.parse_args(args + ["--dataloader_num_workers", "2"])[3]
     assert workers.dataloader_num_workers == 2 and workers.dataloader_persistent_workers
+
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert finetune.parse_args(args + ["--use_cpu"])[3].dataloader_num_workers == 2
+    # TrainingArguments would set up that GPU as it parses: this machine has none
+    monkeypatch.setattr(finetune.Seq2SeqTrainingArguments, "device", torch.device("cpu"))
     monkeypatch.setattr("os.cpu_count", lambda: 64)
-    gpu = finetune.parse_args(args + ["--use_cpu"])[3]
+    gpu = finetune.parse_args(args)[3]
     assert gpu.dataloader_num_workers == 4 and gpu.dataloader_persistent_workers
-    assert finetune.parse_args(args + ["--use_cpu", "--dataloader_num_workers", "8"])[3].dataloader_num_workers == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert finetune.parse_args(args)[3].dataloader_num_workers == 2  # 8 processes share 16 cores
+    assert finetune.parse_args(args + ["--dataloader_num_workers", "8"])[3].dataloader_num_workers == 8
+    # a CPU run on a machine with a GPU is a CPU run
+    assert finetune.parse_args(args + ["--use_cpu"])[3].dataloader_num_workers == 0
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert finetune.parse_args(args)[3].dataloader_num_workers == 0
     no_workers = finetune.parse_args(args + ["--use_cpu", "--dataloader_num_workers", "0"])[3]
     assert not no_workers.dataloader_persistent_workers  # DataLoader refuses persistent workers without workers
 
