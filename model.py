@@ -494,10 +494,11 @@ class SlamASR(nn.Module):
 
     @classmethod
     def load_adapter(cls, directory, encoder=None, llm=None, tokenizer=None, feature_extractor=None,
-                     torch_dtype=None, trust_remote_code=False):
+                     torch_dtype=None, trust_remote_code=False, attn_implementation=None):
         """Rebuilds a SlamASR from an adapter directory or hub repo id: the backbones named in its config
-        unless given, the prompt ids and decoding options saved with it, and the adapter loaded strictly
-        (every tensor present, no extra, same shapes, finite)."""
+        unless given (in `torch_dtype`, with `attn_implementation`: see backbones.load_backbones), the prompt ids
+        and decoding options saved with it, and the adapter loaded strictly (every tensor present, no extra,
+        same shapes, finite)."""
         directory = resolve_adapter_dir(directory)
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
@@ -523,7 +524,7 @@ class SlamASR(nn.Module):
                            "are computed from the template by this tokenizer")
 
         if encoder is None or llm is None or tokenizer is None or feature_extractor is None:
-            loaded = load_backbones(config, torch_dtype, trust_remote_code)
+            loaded = load_backbones(config, torch_dtype, trust_remote_code, attn_implementation)
             encoder, llm, tokenizer, feature_extractor = (
                 given if given is not None else default
                 for given, default in zip((encoder, llm, tokenizer, feature_extractor), loaded)

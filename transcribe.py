@@ -93,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="backbone dtype (default: float16 on CUDA, float32 otherwise)")
+    p.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default=None,
+                   help="attention kernel of both backbones (default: transformers' choice, sdpa)")
     args = p.parse_args(argv)
     if args.rescore:
         return args
@@ -166,9 +168,10 @@ def load_model(args):
     if args.encoder or args.llm:
         config = SlamASRConfig.from_json_file(Path(adapter) / CONFIG_NAME)
         config.encoder, config.llm = args.encoder or config.encoder, args.llm or config.llm
-        encoder, llm, tokenizer, feature_extractor = load_backbones(config, dtype)
+        encoder, llm, tokenizer, feature_extractor = load_backbones(config, dtype,
+                                                                    attn_implementation=args.attn_implementation)
         backbones = dict(encoder=encoder, llm=llm, tokenizer=tokenizer, feature_extractor=feature_extractor)
-    model = SlamASR.load_adapter(adapter, torch_dtype=dtype, **backbones)
+    model = SlamASR.load_adapter(adapter, torch_dtype=dtype, attn_implementation=args.attn_implementation, **backbones)
     given = {name: getattr(args, name) for name in ("max_new_tokens", "num_beams", "max_new_tokens_per_second")
              if getattr(args, name) is not None}
     model.generation_config.update(**given)

@@ -308,6 +308,10 @@ def test_eager_attention_keeps_the_loss_and_padded_batches(train_set, tmp_path):
         assert models[attention].llm.config._attn_implementation == attention
     built = load_backbones(SlamASRConfig(encoder="tiny", llm="tiny"), attn_implementation="eager")
     assert built[0].config._attn_implementation == built[1].config._attn_implementation == "eager"
+    import finetune  # and finetune.py passes the flag on
+    trained = finetune.load_model(*finetune.parse_args(["--encoder", "tiny", "--llm", "tiny", "--train_manifest",
+                                                         "m.jsonl", "--attn_implementation", "eager"]))
+    assert trained.encoder.config._attn_implementation == trained.llm.config._attn_implementation == "eager"
     audios = [train_set[i]["audio"] for i in range(3)]
     texts = [train_set[i]["text"] for i in range(3)]
     with torch.no_grad():

@@ -374,3 +374,22 @@ def test_a_long_input_is_written_whole_or_not_at_all(adapter_dir, tmp_path, caps
     rows = read_lines(out)
     assert [r["path"] for r in rows] == [str(cut_short), str(clip), str(long)]
     assert rows[2]["text"] and len(rows[2]["cuts"]) == len(windows) - 1 and "2 of 3 inputs; 1 failed" in err
+
+
+def test_eager_attention_reaches_both_backbones_and_transcribes_the_same(adapter_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    kernels, load_model = [], transcribe.load_model
+
+    def recording(args):
+        model = load_model(args)
+        kernels.append((model.encoder.config._attn_implementation, model.llm.config._attn_implementation))
+        return model
+
+    monkeypatch.setattr(transcribe, "load_model", recording)
+    outs = {}
+    for attention in ("sdpa", "eager"):
+        outs[attention] = tmp_path / f"{attention}.jsonl"
+        run(["--adapter", str(adapter_dir), "--librispeech_dir", str(FIXTURE), "--split", "test-clean",
+             "--attn_implementation", attention, "--max_new_tokens", "12", "--output", str(outs[attention])], capsys)
+    assert kernels == [("sdpa", "sdpa"), ("eager", "eager")]
+    assert read_lines(outs["eager"]) == read_lines(outs["sdpa"])
