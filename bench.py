@@ -67,7 +67,8 @@ def build_backbones(size, seed=0):
 
 
 def synthetic_corpus(n, seed=0):
-    """LibriSpeech-like mix: 2-20 s (mean about 12 s), transcripts of matching length, noise for audio."""
+    """LibriSpeech-like durations, 2-20 s (mean about 12 s), noise for audio, transcripts of 2.7 words per second
+    drawn from the fixture's words (short ones: with the tiny tokenizer the token counts are not TinyLlama's)."""
     rng = np.random.default_rng(seed)
     durations = 2 + 18 * rng.beta(3.0, 2.4, size=n)
     # words of the bundled LibriSpeech fixture's transcripts: a fixed text, so that every commit benchmarks the
@@ -111,7 +112,8 @@ def decode_speed(clips, n=8):
 def sharing(module, **submodules):
     """A shallow copy of `module` with `submodules` put in: the rest (the frozen backbones) is shared, not copied.
     copy.copy alone would share the table of submodules too, and putting one into the copy would replace it in
-    the original (and in every other configuration)."""
+    the original (and in every other configuration). The tables of parameters and buffers stay shared: do not
+    move the copy (.to) or give it parameters of its own."""
     clone = copy.copy(module)
     clone._modules = dict(module._modules)
     for name, submodule in submodules.items():
@@ -412,6 +414,11 @@ def end_to_end(args):
     import shlex
     import sys
 
+    for extra in args.finetune_args or []:
+        owned = {"--output_dir", "--feature_cache", "--train_manifest", "--encoder", "--llm"} & {
+            word.split("=")[0] for word in shlex.split(extra)}
+        if owned:
+            raise SystemExit(f"--finetune_args {extra!r}: {', '.join(sorted(owned))} is set by the benchmark itself")
     here = os.path.dirname(os.path.abspath(__file__))
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-e2e-")
     audio_seconds = write_inputs(workdir, args.size, E2E_CLIPS)

@@ -333,3 +333,6 @@ def test_end_to_end_bench_runs_each_finetune_variant_between_two_baselines(tmp_p
         (summary["straightforward"][0]["wall_seconds"] + summary["straightforward"][1]["wall_seconds"]) / 2
         / run["wall_seconds"])
     assert json.loads((tmp_path / "e2e.json").read_text())["finetune"][0]["name"] == run["name"]
+    with pytest.raises(SystemExit, match="--output_dir is set by the benchmark"):  # before anything runs
+        bench.main(["--end_to_end", "--workdir", str(tmp_path / "never"), "--finetune_args=--output_dir=elsewhere"])
+    assert not (tmp_path / "never").exists()
