@@ -427,7 +427,12 @@ def end_to_end(args):
     baseline_cmd = [sys.executable, f"{here}/bench.py", "--straightforward", workdir, "--epochs", str(args.epochs)]
     print(f"{args.size} backbones and {E2E_CLIPS} clips ({audio_seconds:.0f} audio s) in {workdir}; "
           f"{args.epochs} epochs each")
-    baselines = [timed_run("straightforward", baseline_cmd, env)]
+
+    def baseline(name):  # the straightforward trainer prints its FLOPs as a JSON line last
+        run, stdout = timed_run(name, baseline_cmd, env)
+        return {**run, **json.loads(stdout.strip().splitlines()[-1])}
+
+    baselines = [baseline("straightforward")]
     variants = []
     for i, extra in enumerate(args.finetune_args or [""]):
         cmd = [sys.executable, f"{here}/finetune.py", "--encoder", f"{workdir}/encoder", "--llm", f"{workdir}/llm",
@@ -435,12 +440,12 @@ def end_to_end(args):
                "--feature_cache", f"{workdir}/cache{i}", "--max_batch_seconds", f"{E2E_BATCH * mean:.1f}",
                "--num_train_epochs", str(args.epochs), *(["--use_cpu"] if args.device == "cpu" else []),
                "--seed", "0", *shlex.split(extra)]
-        run = timed_run(f"finetune.py {extra}".strip(), cmd, env)
+        run, _ = timed_run(f"finetune.py {extra}".strip(), cmd, env)
         with open(f"{workdir}/out{i}/efficiency.json") as f:
             run["efficiency"] = json.load(f)
         run.update(finetune_args=extra, flops=run["efficiency"]["flops"]["total"], dtype=run["efficiency"]["dtype"])
         variants.append(run)
-    baselines.append(timed_run("straightforward, again", baseline_cmd, env))
+    baselines.append(baseline("straightforward, again"))
 
     peaks = {}
     for run in variants + baselines:
@@ -470,8 +475,8 @@ def end_to_end(args):
 
 
 def timed_run(name, cmd, env):
-    """Runs `cmd` to its end: wall time and CPU seconds (its own and its children's) taken from outside it; a
-    straightforward run's own JSON line (its FLOPs) merged in."""
+    """Runs `cmd` to its end: (wall time and CPU seconds, its own and its children's, taken from outside it; its
+    standard output)."""
     import resource
     import shlex
     import subprocess
@@ -488,9 +493,7 @@ def timed_run(name, cmd, env):
     if done.returncode:
         raise SystemExit(f"{name} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     print(f"  {name}: {run['wall_seconds']:.1f} s wall, {run['cpu_seconds']:.1f} CPU s", flush=True)
-    if "--straightforward" in cmd:
-        run.update(json.loads(done.stdout.strip().splitlines()[-1]))
-    return run
+    return run, done.stdout
 
 
 if __name__ == "__main__":
