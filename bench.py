@@ -30,10 +30,14 @@ import numpy as np
 import soundfile as sf
 import torch
 
-import data
+from audio import SAMPLE_RATE, read_audio
 from backbones import tiny_backbones
+from batching import collate_frames, duration_batches
+from corpus import DataReport, Record, read_manifest
+from dataset import FeatureCache, Sample, SpeechDataset
 from efficiency import matmul_peak, sync
 from model import SlamASR, SlamASRConfig
+from text import normalize_transcript
 
 LIBRISPEECH_960H_SECONDS = 960 * 3600
 WORDS_PER_SECOND = 2.7  # LibriSpeech read speech
@@ -76,25 +80,30 @@ def synthetic_corpus(n, seed=0):
     transcripts = sorted(glob.glob(f"{os.path.dirname(os.path.abspath(__file__))}/tests/fixtures/LibriSpeech/"
                                    "*/*/*/*.trans.txt"))
     words = [w for path in transcripts for line in open(path) for w in line.split()[1:]]
-    words = [w for w in data.normalize_transcript(" ".join(words)).split() if w.isalpha()]
+    words = [w for w in normalize_transcript(" ".join(words)).split() if w.isalpha()]
     clips = []
     for i, d in enumerate(durations):
-        audio = (0.1 * rng.standard_normal(int(d * data.SAMPLE_RATE))).astype(np.float32)
+        audio = (0.1 * rng.standard_normal(int(d * SAMPLE_RATE))).astype(np.float32)
         text = " ".join(rng.choice(words, size=max(1, round(d * WORDS_PER_SECOND))))
-        clips.append(dict(id=f"clip{i:05d}", audio=audio, text=text, duration=len(audio) / data.SAMPLE_RATE,
+        clips.append(dict(id=f"clip{i:05d}", audio=audio, text=text, duration=len(audio) / SAMPLE_RATE,
                           audio_identity=f"synthetic:{seed}:{i}"))  # what the feature cache names it by
     return clips
 
 
-class InMemory(data.SpeechDataset):
+def record(clip):
+    """A synthetic clip as the feature cache knows it."""
+    return Record(id=clip["id"], text=clip["text"], duration=clip["duration"], identity=clip["audio_identity"])
+
+
+class InMemory(SpeechDataset):
     """The synthetic clips as a dataset the feature cache can fill from."""
 
     def __init__(self, clips):
-        super().__init__([{k: v for k, v in c.items() if k != "audio"} for c in clips])
+        super().__init__([record(c) for c in clips])
         self.audio = {c["id"]: c["audio"] for c in clips}
 
     def load(self, record):
-        return self.audio[record["id"]]
+        return self.audio[record.id]
 
 
 def decode_speed(clips, n=8):
@@ -105,7 +114,7 @@ def decode_speed(clips, n=8):
         sf.write(buf, c["audio"], 44100 if len(blobs) % 2 else 16000, format="FLAC")  # half need resampling
         blobs.append(buf.getvalue())
     start = time.process_time()
-    decoded = sum(len(data.read_audio(b)) for b in blobs) / data.SAMPLE_RATE
+    decoded = sum(len(read_audio(b)) for b in blobs) / SAMPLE_RATE
     return decoded / max(time.process_time() - start, 1e-9)
 
 
@@ -137,7 +146,8 @@ def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, l
         chosen = [clips[i] for i in batch]
         labels = model.processor.labels([c["text"] for c in chosen])[0].to(device)
         if cache is not None:
-            frames, frame_lengths = data.collate_frames([dict(frames=cache.read(c)) for c in chosen])
+            frames, frame_lengths = collate_frames([Sample(c["id"], c["text"], frames=cache.read(record(c)))
+                                                  for c in chosen])
             frames, frame_lengths = frames.to(device, non_blocking=True), frame_lengths.to(device)
         else:
             input_values, audio_lengths = model.processor.audio([c["audio"] for c in chosen])
@@ -227,9 +237,9 @@ def main(argv=None):
     naive_batch = max(1, round(max_batch_seconds / mean))
     rng = np.random.default_rng(0)
     random_batches = [list(rng.choice(len(clips), naive_batch, replace=False)) for _ in range(steps)]
-    duration_batches = data.duration_batches([c["duration"] for c in clips], max_batch_seconds, seed=0)[:steps]
-    if len(duration_batches) < steps:
-        raise SystemExit(f"--clips {len(clips)} gives only {len(duration_batches)} duration batches; raise --clips")
+    packed = duration_batches([c["duration"] for c in clips], max_batch_seconds, seed=0)[:steps]
+    if len(packed) < steps:
+        raise SystemExit(f"--clips {len(clips)} gives only {len(packed)} duration batches; raise --clips")
 
     levers = dict(naive=(False, False, False, False), cache=(True, False, False, False),
                   duration=(False, True, False, False), head=(False, False, True, False),
@@ -258,7 +268,7 @@ def main(argv=None):
         if use_cache:
             dtype = next(model.encoder.parameters()).dtype
             if dtype not in caches:
-                cache = data.FeatureCache(workdir.name, config.encoder, data.SAMPLE_RATE,
+                cache = FeatureCache(workdir.name, config.encoder, SAMPLE_RATE,
                                           model.encoder.config.hidden_size, dtype)
                 ds = InMemory(clips)
                 sync(device)
@@ -269,7 +279,7 @@ def main(argv=None):
                 fill_speed[dtype] = sum(ds.durations) / (time.perf_counter() - start)
                 caches[dtype] = cache.load_index()
             cache = caches[dtype]
-        batches = duration_batches if by_duration else random_batches
+        batches = packed if by_duration else random_batches
         result = run_config(name, model, clips, batches, cache, half if use_half else None, device, args.warmup)
         if use_cache:
             result["cache_fill_audio_s_per_s"] = fill_speed[next(model.encoder.parameters()).dtype]
@@ -324,14 +334,14 @@ def fill_lever(args, clips=8, seconds=10.0):
     rng = np.random.default_rng(0)
     corpus = synthetic_corpus(clips)
     for i, c in enumerate(corpus):
-        c["audio"] = np.resize(c["audio"], int(seconds * (1 - FILL_MAX_PADDING * rng.uniform()) * data.SAMPLE_RATE))
-        c["duration"] = len(c["audio"]) / data.SAMPLE_RATE
+        c["audio"] = np.resize(c["audio"], int(seconds * (1 - FILL_MAX_PADDING * rng.uniform()) * SAMPLE_RATE))
+        c["duration"] = len(c["audio"]) / SAMPLE_RATE
     dataset = InMemory(corpus)
     times = {}
     with tempfile.TemporaryDirectory() as workdir:
         for attempt in range(2):
             for name, padding in (("one_at_a_time", 0.0), ("near_equal_batch", FILL_MAX_PADDING)):
-                cache = data.FeatureCache(f"{workdir}/{name}{attempt}", model.config.encoder, data.SAMPLE_RATE,
+                cache = FeatureCache(f"{workdir}/{name}{attempt}", model.config.encoder, SAMPLE_RATE,
                                           model.encoder.config.hidden_size, torch.float32)
                 sync(device)
                 start = time.perf_counter()
@@ -373,7 +383,7 @@ def write_inputs(workdir, size, clips):
     corpus = synthetic_corpus(clips)
     with open(f"{workdir}/train.jsonl", "w") as f:
         for c in corpus:
-            sf.write(f"{workdir}/clips/{c['id']}.flac", c["audio"], data.SAMPLE_RATE, format="FLAC")
+            sf.write(f"{workdir}/clips/{c['id']}.flac", c["audio"], SAMPLE_RATE, format="FLAC")
             f.write(json.dumps(dict(audio=f"clips/{c['id']}.flac", text=c["text"], id=c["id"])) + "\n")
     return sum(c["duration"] for c in corpus)
 
@@ -385,22 +395,21 @@ def straightforward_run(workdir, epochs):
     start = time.perf_counter()
     model = SlamASR.from_config(SlamASRConfig(encoder=f"{workdir}/encoder", llm=f"{workdir}/llm"))
     model.head_on_targets_only = False
-    report = data.DataReport("train")
-    records = data.read_manifest(f"{workdir}/train.jsonl", report)
+    records = read_manifest(f"{workdir}/train.jsonl", DataReport("train"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     flops, P, Q = 0.0, len(model.prefix_ids), len(model.suffix_ids)
     for _ in range(epochs):
         for i in range(0, len(records), E2E_BATCH):
             batch = records[i:i + E2E_BATCH]
-            audios = [data.read_audio(r["audio"]) for r in batch]
+            audios = [read_audio(r.path) for r in batch]
             input_values, audio_lengths = model.processor.audio(audios)
-            labels = model.processor.labels([data.normalize_transcript(r["text"]) for r in batch])[0]
+            labels = model.processor.labels([normalize_transcript(r.text) for r in batch])[0]
             out = model(input_values, audio_lengths, labels)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            flops += model.flops_per_step(audio_lengths.sum().item() / data.SAMPLE_RATE,
+            flops += model.flops_per_step(audio_lengths.sum().item() / SAMPLE_RATE,
                                           model.speech_lengths(audio_lengths).sum().item(), len(batch) * (P + Q),
                                           out.num_tokens.item())
     print(json.dumps(dict(flops=flops, seconds_in_process=time.perf_counter() - start, loss=out.loss.item())))

@@ -123,8 +123,8 @@ def process_start():
 
 class RunEfficiency:
     """The bookkeeping of one run. finetune.py marks where each top-level phase ends (`lap`); the trainer times
-    evaluations (`phase`, nested: their time leaves the enclosing phase) and counts each training batch
-    (`count_batch`); `report` sums it all up. Batch counts stay on the device (no sync per step): every term
+    evaluations (`phase`, nested: their time leaves the enclosing phase) and counts each training step
+    (`count_step`); `report` sums it all up. Batch counts stay on the device (no sync per step): every term
     of flops_per_step is linear in them, so the FLOPs of their sums are the sum of the batches' FLOPs."""
 
     def __init__(self, start=None):
@@ -182,21 +182,11 @@ class RunEfficiency:
             return encode(audios)
         return counted
 
-    def count_batch(self, model, inputs):
-        """One training batch as the collator made it: raw audio (the encoder runs in the step) or cached frames."""
-        labels = inputs["labels"]
-        prompt = labels.shape[0] * (len(model.prefix_ids) + len(model.suffix_ids))
-        cached = inputs.get("encoder_frames") is not None
-        if cached:
-            seconds = torch.zeros((), device=labels.device)
-            speech = model.adapter.output_lengths(inputs["frame_lengths"]).sum()
-        else:
-            seconds = inputs["audio_lengths"].sum().double() / model.sampling_rate
-            speech = model.speech_lengths(inputs["audio_lengths"]).sum()
-        encoded = 0.0 if cached else float(labels.shape[0])
-        counts = torch.stack([seconds.double(), speech.double(), torch.tensor(float(prompt), device=labels.device,
-                              dtype=torch.float64), (labels != -100).sum().double(),
-                              torch.tensor(encoded, device=labels.device, dtype=torch.float64)])
+    def count_step(self, outputs):
+        """One training step, from what SlamASR.forward says it computed (SlamASROutput): raw audio (the encoder
+        ran in the step) or cached frames."""
+        counts = torch.stack([outputs.audio_seconds, outputs.speech_tokens, outputs.prompt_tokens, outputs.num_tokens,
+                              outputs.encoded_clips]).double()
         self.sums = counts if self.sums is None else self.sums + counts
         self.steps += 1
 

@@ -24,11 +24,15 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-import data
+import corpus
+from batching import DurationBatchSampler, SpeechCollator, padding_fraction
+from checkpoints import hold_output_dir, resolve_resume
+from dataset import CachedFeatureDataset, FeatureCache, SpeechDataset, StreamingSpeechDataset
+from decoding import decoding_name
 from efficiency import RunEfficiency, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
-from trainer import (DurationBatchSampler, NonFiniteTraining, SlamASRTrainer, StopDuringEvaluation, hold_output_dir,
-                     resolve_resume)
+from text import WER_NORMALIZERS
+from trainer import NonFiniteTraining, SlamASRTrainer, StopDuringEvaluation
 
 logger = logging.getLogger("finetune")
 # Zero padding a mask-less encoder (group-norm HuBERT-base) may see in a cache-fill batch, as a fraction of the
@@ -79,7 +83,7 @@ class DataArguments:
                 "saved with the adapter); decoding is also bounded by each clip's duration."})
     wer_normalizer: str = field(default="whisper", metadata={
         "help": "Text normalization before WER: 'whisper' (Whisper's English normalizer, what published "
-                "LibriSpeech figures use) or 'simple' (lower case, no punctuation).", "choices": list(data.WER_NORMALIZERS)})
+                "LibriSpeech figures use) or 'simple' (lower case, no punctuation).", "choices": list(WER_NORMALIZERS)})
     min_duration: float = field(default=0.5, metadata={"help": "Drop clips shorter than this (seconds)."})
     max_duration: float = field(default=30.0, metadata={"help": "Drop clips longer than this (seconds)."})
     max_target_tokens: int = field(default=256, metadata={
@@ -104,10 +108,17 @@ class DataArguments:
                 "in a collective that --ddp_timeout (30 min) ends, too soon for a first download of 960 h."})
 
 
+def arguments(argv):
+    """The run's arguments, parsed, checked and fitted to the device: what main() starts from."""
+    config, model_args, data_args, training_args = parse_args(argv)
+    validate_args(data_args, training_args)
+    apply_device_defaults(training_args)
+    return config, model_args, data_args, training_args
+
+
 def parse_args(argv):
     """SlamASRConfig, our two dataclasses and Seq2SeqTrainingArguments, from the command line or a JSON/YAML file
-    (then the command line's overrides), with the same defaults either way; refuses what would waste a run, by
-    name."""
+    (then the command line's overrides), with the same defaults either way, and the settings they imply."""
     parser = HfArgumentParser((SlamASRConfig, ModelArguments, DataArguments, Seq2SeqTrainingArguments))
     # defaults this model needs (each still overridable where it makes sense)
     parser.set_defaults(output_dir="output", report_to="tensorboard", learning_rate=1e-4, warmup_steps=1000,
@@ -137,6 +148,19 @@ def parse_args(argv):
         parser.set_defaults(**values)
         argv = argv[1:]
     config, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    # what the arguments imply
+    if data_args.eval_split is None and not data_args.eval_manifest and data_args.librispeech_dir:
+        data_args.eval_split = "dev-clean"
+    if data_args.group_by_length:
+        training_args.train_sampling_strategy = "group_by_length"
+    if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:
+        training_args.eval_strategy = "no"
+        training_args.do_eval = False
+    return config, model_args, data_args, training_args
+
+
+def validate_args(data_args, training_args):
+    """Refuses, by name and before anything loads, what would waste a run or mean something else than it says."""
     for name in ("generation_max_length", "generation_config"):
         if getattr(training_args, name) is not None:
             raise ValueError(f"--{name} is not used by finetune.py: set --max_new_tokens and --generation_num_beams")
@@ -167,13 +191,10 @@ def parse_args(argv):
     if data_args.train_manifest and data_args.eval_split:
         raise ValueError(f"--eval_split {data_args.eval_split} names a split of --librispeech_dir or --dataset_name: "
                          "with --train_manifest, evaluate on --eval_manifest (or on nothing)")
-    if data_args.eval_split is None and not data_args.eval_manifest:
-        if data_args.librispeech_dir:
-            data_args.eval_split = "dev-clean"
-        elif data_args.dataset_name:
-            raise ValueError("--dataset_name needs --eval_split (openslr/librispeech_asr: validation with "
-                             "--dataset_config clean or other, validation.clean with all), or --eval_split '' for "
-                             "no evaluation")
+    if data_args.eval_split is None and not data_args.eval_manifest and data_args.dataset_name:
+        raise ValueError("--dataset_name needs --eval_split (openslr/librispeech_asr: validation with "
+                         "--dataset_config clean or other, validation.clean with all), or --eval_split '' for "
+                         "no evaluation")
     # numbers that would waste a run (an untrained adapter, a crash at the first evaluation), refused by name
     t, d = training_args, data_args
     ranges = [
@@ -197,6 +218,16 @@ def parse_args(argv):
         if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
             raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "
                              "--group_by_length")
+    if training_args.push_to_hub:
+        if not training_args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id NAME (user/repo): the repo the adapter goes to")
+        if training_args.hub_strategy != "every_save" or training_args.hub_always_push:
+            raise ValueError("--hub_strategy / --hub_always_push: finetune.py publishes the final adapter once, at "
+                             "the end of the run; leave them unset")
+
+
+def apply_device_defaults(training_args):
+    """Loader settings that depend on the device the run uses (a CPU or GPUs)."""
     on_cpu = (training_args.use_cpu or not torch.cuda.is_available()
               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     if on_cpu:
@@ -211,25 +242,13 @@ def parse_args(argv):
         # Persistent workers start once per run, not per epoch (each start forks the process and refills its
         # queue while the step runs); without workers there is nothing to keep, and DataLoader refuses the pair.
         training_args.dataloader_persistent_workers = False
-    if data_args.group_by_length:
-        training_args.train_sampling_strategy = "group_by_length"
-    if not (data_args.eval_split or data_args.eval_manifest) or not training_args.do_eval:
-        training_args.eval_strategy = "no"
-        training_args.do_eval = False
-    if training_args.push_to_hub:
-        if not training_args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id NAME (user/repo): the repo the adapter goes to")
-        if training_args.hub_strategy != "every_save" or training_args.hub_always_push:
-            raise ValueError("--hub_strategy / --hub_always_push: finetune.py publishes the final adapter once, at "
-                             "the end of the run; leave them unset")
-    return config, model_args, data_args, training_args
 
 
 def main(argv=None, efficiency=None):
     # 1. Arguments; the run then holds output_dir until it ends. Its efficiency is counted from here (or from the
     # process's start, as a script).
     efficiency = efficiency or RunEfficiency()
-    config, model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    config, model_args, data_args, training_args = arguments(sys.argv[1:] if argv is None else argv)
     with hold_output_dir(training_args.output_dir, holder=training_args.should_save):
         return run(config, model_args, data_args, training_args, efficiency)
 
@@ -266,7 +285,7 @@ def run(config, model_args, data_args, training_args, efficiency=None):
     publish, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = SlamASRTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=data.SpeechCollator(model.processor, data_args.max_target_tokens),
+        data_collator=SpeechCollator(model.processor, data_args.max_target_tokens),
         wer_dataset=eval_dataset if training_args.predict_with_generate else None,
         wer_normalizer=data_args.wer_normalizer, max_nonfinite_steps=data_args.max_nonfinite_steps,
         max_batch_seconds=data_args.max_batch_seconds, efficiency=efficiency)
@@ -304,7 +323,7 @@ def setup_logging(training_args):
     if training_args.log_level != "passive":
         level = training_args.get_process_log_level()
         transformers.utils.logging.set_verbosity(level)
-    for name in ("finetune", "data", "model", "backbones", "processor"):
+    for name in ("finetune", "corpus", "dataset", "model", "backbones", "processor"):
         logging.getLogger(name).setLevel(level)
 
 
@@ -319,9 +338,8 @@ def load_model(config, model_args, data_args, training_args):
     if window is not None and data_args.max_duration > window / model.sampling_rate:
         raise ValueError(f"--max_duration {data_args.max_duration:g}: {config.encoder} takes clips of at most "
                          f"{window / model.sampling_rate:g} s; pass --max_duration {window / model.sampling_rate:g}")
-    model.generation_config.update(max_new_tokens=data_args.max_new_tokens,
-                                   num_beams=training_args.generation_num_beams or 1)
-    return model
+    return model.set_decoding(max_new_tokens=data_args.max_new_tokens,
+                              num_beams=training_args.generation_num_beams or 1)
 
 
 def training_dtype(training_args):
@@ -346,39 +364,42 @@ def load_data(data_args, training_args, processor):
 
 def load_split(data_args, split, manifest, processor, what, max_samples=None):
     """One dataset from whichever source the arguments name."""
-    report = data.DataReport(f"{what} data")
+    report = corpus.DataReport(f"{what} data")
     hub_dataset = None
     if manifest:
-        records = data.read_manifest(manifest, report)
+        records = corpus.read_manifest(manifest, report)
     elif data_args.librispeech_dir:
-        records = data.index_librispeech(data_args.librispeech_dir, split, report)
-    elif data_args.dataset_name:
-        hub = data.load_hub_librispeech(data_args.dataset_name, data_args.dataset_config, split,
-                                        streaming=data_args.streaming)
+        records = corpus.index_librispeech(data_args.librispeech_dir, split, report)
+    else:
+        hub = corpus.load_hub_dataset(data_args.dataset_name, data_args.dataset_config, split,
+                                      streaming=data_args.streaming)
         if data_args.streaming:  # an eval split is small: its first clips are held in memory, then indexed
             import datasets
 
             rows = list(tqdm(hub.take(max_samples) if max_samples is not None else hub, total=max_samples,
                              desc=f"reading {what} clips from the stream"))
             hub = datasets.Dataset.from_list(rows)
-        records, hub_dataset = data.records_from_hub(hub, report)
-    else:
-        raise ValueError("no data: pass --librispeech_dir, --dataset_name or --train_manifest")
+        records, hub_dataset = corpus.records_from_hub(hub, report)
     if max_samples is not None:
         records = records[:max_samples]
-    return data.build_dataset(what, records, report, data_args.min_duration, data_args.max_duration,
-                              data_args.lowercase, hub_dataset, data_args.strict_data, processor.sampling_rate,
-                              processor.special_tokens)
+    records = corpus.prepare(what, records, report, clip_filter(data_args, processor), data_args.strict_data)
+    return SpeechDataset(records, processor.sampling_rate, hub_dataset, data_args.strict_data)
+
+
+def clip_filter(data_args, processor):
+    """Which clips are trained on (corpus.ClipFilter): the durations asked for, no transcript that writes out one of
+    the LLM's special tokens."""
+    return corpus.ClipFilter(data_args.min_duration, data_args.max_duration, data_args.lowercase,
+                             tuple(processor.special_tokens))
 
 
 def load_train_stream(data_args, training_args, processor):
     """The training split of --dataset_name as a stream: this rank's part, decoded and filtered on the fly."""
-    stream = data.load_hub_librispeech(data_args.dataset_name, data_args.dataset_config, data_args.train_split,
-                                       streaming=True)
-    return data.StreamingSpeechDataset(
-        stream, training_args.process_index, training_args.world_size, training_args.seed,
-        data_args.shuffle_buffer_size, data_args.min_duration, data_args.max_duration, data_args.lowercase,
-        data_args.strict_data, processor.sampling_rate, processor.special_tokens)
+    stream = corpus.load_hub_dataset(data_args.dataset_name, data_args.dataset_config, data_args.train_split,
+                                     streaming=True)
+    return StreamingSpeechDataset(stream, training_args.process_index, training_args.world_size, training_args.seed,
+                                  data_args.shuffle_buffer_size, clip_filter(data_args, processor),
+                                  data_args.strict_data, processor.sampling_rate)
 
 
 def log_sizes(model, train_dataset, eval_dataset, data_args):
@@ -397,7 +418,7 @@ def fill_feature_cache(model, train_dataset, data_args, training_args, encode):
     trains from the cache."""
     from accelerate import PartialState
 
-    cache = data.FeatureCache(data_args.feature_cache, model.config.encoder, model.sampling_rate,
+    cache = FeatureCache(data_args.feature_cache, model.config.encoder, model.sampling_rate,
                               model.encoder.config.hidden_size, next(model.encoder.parameters()).dtype)
     model.to(training_args.device)
     # Batches of similar durations, sized in audio seconds as training's (an encode-only pass fits where a
@@ -412,7 +433,7 @@ def fill_feature_cache(model, train_dataset, data_args, training_args, encode):
         logger.warning(f"feature cache: {len(failed)} clips could not be read and are left out, e.g. {failed[0]}")
     PartialState().wait_for_everyone()
     cache.load_index()
-    cached = data.CachedFeatureDataset(train_dataset, cache)
+    cached = CachedFeatureDataset(train_dataset, cache)
     audio_seconds = sum(cached.durations)
     logger.info(f"feature cache {cache.dir}: {len(cached):,} clips, {cache.size_bytes() / 2**30:.2f} GiB "
                 f"({cache.size_bytes() / max(audio_seconds, 1e-9) / 1e3:.0f} KB per audio second)")
@@ -445,7 +466,7 @@ def describe_batches(trainer):
     seconds = sum(durations[i] for b in batches for i in b)
     return (f"{len(batches):,} batches per epoch{' per process' if isinstance(sampler, DurationBatchSampler) else ''}"
             f", {sum(map(len, batches)) / len(batches):.1f} clips and {seconds / len(batches):.0f} audio s each on "
-            f"average, {100 * data.padding_fraction(durations, batches):.1f}% of the padded audio is padding")
+            f"average, {100 * padding_fraction(durations, batches):.1f}% of the padded audio is padding")
 
 
 def train(trainer, resume, data_args, training_args):
@@ -515,7 +536,7 @@ def model_card(model, training_args, data_args, steps, eval_metrics):
     if "eval_wer" in eval_metrics:
         scored = (f"WER **{100 * eval_metrics['eval_wer']:.2f}%** on {d.max_eval_samples or 'all'} clips of "
                   f"{d.eval_split or os.path.basename(d.eval_manifest or '')}, "
-                  f"{data.decoding_name(model.generation_config.num_beams)}, {d.wer_normalizer} normalizer "
+                  f"{decoding_name(model.generation_config.num_beams)}, {d.wer_normalizer} normalizer "
                   f"({'Whisper English' if d.wer_normalizer == 'whisper' else 'lower case, no punctuation'}).")
     else:
         scored = "Not evaluated during training."

@@ -5,24 +5,29 @@ and only the adapter learns, so that the LLM emits the transcript.
 
 Read top to bottom: adapters -> config -> waveform to speech embeddings -> splice into the prompt ->
 loss / generation -> adapter save and load -> FLOP count. The prompt's ids and the batches come from
-processor.py, the backbones from backbones.py; nothing here knows about files of audio or datasets (data.py).
+processor.py, the backbones from backbones.py, the decoding options from decoding.py; nothing here knows about
+files of audio or datasets.
 """
 
-import copy
+import contextlib
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import ModelOutput
 
+import inference
+from audio import MIN_AUDIO_SAMPLES, SAMPLE_RATE
 from backbones import encoder_kind, load_backbones
+from decoding import BOUNDS_NAME, DecodingBounds, with_overrides
 from processor import PROMPT_IDS_NAME, SPEECH_PLACEHOLDER, SlamASRProcessor, chat_prompt_template, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -180,44 +185,19 @@ class SlamASRConfig:
         return cls.from_dict(values, source=str(path), complete=complete)
 
 
-MAX_NEW_TOKENS_PER_SECOND = 15.0  # read speech is 2-4 words, 3-6 Llama tokens a second: room to spare
-STOP_REPEATS = 4  # a run of 1-8 tokens repeated this often in a row (12 tokens at least) is a loop
-
-
-class BoundedDecoding(LogitsProcessor):
-    """Ends a hypothesis with EOS once it is as long as its clip can hold (`tokens_per_second` of audio plus 10
-    tokens, EOS included) or once it loops (the same run of 1-8 tokens `stop_repeats` times in a row): small chat LLMs
-    under a young adapter ramble, repeat themselves or answer something else, and max_new_tokens alone lets
-    each such clip cost a whole budget. `seconds` (B*beams,) is each row's audio duration; None switches off."""
-
-    def __init__(self, seconds, tokens_per_second, stop_repeats, eos_token_id):
-        self.max_tokens = None if not tokens_per_second else (seconds * tokens_per_second).ceil().long() + 10
-        self.stop_repeats = stop_repeats
-        self.eos = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
-
-    def __call__(self, input_ids, scores):
-        # input_ids (B*beams, new tokens so far): with inputs_embeds, generate passes the continuation only
-        rows, n = input_ids.shape
-        stop = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        if self.max_tokens is not None:
-            stop |= n + 1 >= self.max_tokens.to(input_ids.device)  # the EOS is the last of them
-        for period in range(1, 9) if self.stop_repeats else ():
-            span = period * max(self.stop_repeats, -(-12 // period))
-            if n >= span:
-                tail = input_ids[:, -span:].reshape(rows, -1, period)  # (rows, repeats, period)
-                stop |= (tail == tail[:, :1]).all(dim=2).all(dim=1)
-        scores[stop] = torch.finfo(scores.dtype).min
-        scores[stop, self.eos] = 0.0
-        return scores
-
-
 @dataclass
 class SlamASROutput(ModelOutput):
+    """The loss, and what the step computed (counted by efficiency.py, on the device: no sync per step)."""
+
     loss: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None  # supervised tokens (transcript + EOS) the loss averages over
+    speech_tokens: torch.Tensor | None = None  # speech embeddings spliced in, all clips
+    prompt_tokens: torch.Tensor | None = None  # prompt prefix + suffix tokens, all clips
+    audio_seconds: torch.Tensor | None = None  # audio through the encoder in this step (0 from the feature cache)
+    encoded_clips: torch.Tensor | None = None  # clips through the encoder in this step
 
 
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME, GENERATION_CONFIG_NAME)
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME, GENERATION_CONFIG_NAME, BOUNDS_NAME)
 
 
 def resolve_adapter_dir(name_or_path):
@@ -236,6 +216,23 @@ def resolve_adapter_dir(name_or_path):
         raise OSError(f"{name_or_path} is not a local folder, and the hub repo of that name could not be fetched "
                       f"({type(e).__name__}: {e}). Offline, the adapter must be in the hub cache (HF_HOME) or "
                       "given as a folder.") from None
+
+
+def checked_clip(audio, name, sampling_rate):
+    """`audio` as a 1-D float32 numpy array, or a ValueError naming it and what to pass instead."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().float().numpy()
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"{name} has shape {audio.shape}: pass each clip as a 1-D array of samples at "
+                         f"{sampling_rate} Hz (mix the channels to mono first)")
+    shortest = MIN_AUDIO_SAMPLES * sampling_rate // SAMPLE_RATE
+    if len(audio) < shortest:
+        raise ValueError(f"{name} holds {len(audio)} samples: the encoder needs at least {shortest} "
+                         f"({MIN_AUDIO_SAMPLES / SAMPLE_RATE * 1000:g} ms)")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{name} holds NaN or Inf samples")
+    return audio
 
 
 def _audio_batch(input_values, input_features):
@@ -284,12 +281,10 @@ class SlamASR(nn.Module):
         self.register_buffer("prefix_ids", torch.tensor(ids["prefix"], dtype=torch.long), persistent=False)
         self.register_buffer("suffix_ids", torch.tensor(ids["suffix"], dtype=torch.long), persistent=False)
         self.pad_id = self.processor.pad_id
-        # decoding options, the library's object: saved beside the adapter as generation_config.json. Two are
-        # ours (see BoundedDecoding): a cap on new tokens per second of audio, and a stop on looping output.
+        # decoding options (decoding.py), saved beside the adapter: the library's, and our two bounds
         self.generation_config = GenerationConfig(max_new_tokens=200, num_beams=1, do_sample=False,
-                                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=self.pad_id,
-                                                  max_new_tokens_per_second=MAX_NEW_TOKENS_PER_SECOND,
-                                                  stop_repeats=STOP_REPEATS)
+                                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=self.pad_id)
+        self.decoding_bounds = DecodingBounds()
         self.train(False)
 
     @classmethod
@@ -409,7 +404,8 @@ class SlamASR(nn.Module):
         """Mean token loss over transcript + EOS. Takes the processor's audio (input_values, or Whisper's
         input_features, with audio_lengths) or cached encoder output (encoder_frames, frame_lengths), and labels
         as made by `SlamASRProcessor.labels`."""
-        if encoder_frames is None:
+        encoded = encoder_frames is None
+        if encoded:
             encoder_frames, frame_lengths = self.encode(_audio_batch(input_values, input_features), audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
         inputs_embeds, attention_mask, targets = self.splice(speech_embeds, speech_lengths, labels)
@@ -425,51 +421,66 @@ class SlamASR(nn.Module):
         else:
             logits = lm_head(hidden[:, :-1])  # (B, L-1, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), next_targets.flatten(), ignore_index=-100)
-        return SlamASROutput(loss=loss, num_tokens=(next_targets != -100).sum())
+        B, device = labels.shape[0], labels.device
+        return SlamASROutput(
+            loss=loss, num_tokens=(next_targets != -100).sum(), speech_tokens=speech_lengths.sum(),
+            prompt_tokens=torch.tensor(B * (len(self.prefix_ids) + len(self.suffix_ids)), device=device),
+            audio_seconds=(audio_lengths.sum().double() / self.sampling_rate if encoded
+                           else torch.zeros((), device=device)),
+            encoded_clips=torch.tensor(B if encoded else 0, device=device))
 
     def loss(self, audios, texts):
         """Mean token loss of transcripts `texts` given `audios` (1-D float arrays at the encoder's rate)."""
-        batch = self.processor(audios=audios, texts=texts)
-        batch.pop("num_truncated")
-        return self(**batch.to(self.device)).loss
+        return self(**self.processor(audios=audios, texts=texts).to(self.device)).loss
 
     # --- generation ----------------------------------------------------------------------------------------
 
+    def set_decoding(self, **options):
+        """Changes the decoding options (decoding.with_overrides: max_new_tokens, num_beams,
+        max_new_tokens_per_second, stop_repeats), each checked; saved with the adapter."""
+        self.generation_config, self.decoding_bounds = with_overrides(self.generation_config, self.decoding_bounds,
+                                                                      **options)
+        return self
+
+    @contextlib.contextmanager
+    def decoding(self, **options):
+        """Decodes with `options` (as set_decoding takes them) inside the block, as before it after."""
+        saved = self.generation_config, self.decoding_bounds
+        self.set_decoding(**options)
+        try:
+            yield self
+        finally:
+            self.generation_config, self.decoding_bounds = saved
+
     @torch.no_grad()
-    def transcribe(self, audios, batch_size=8, **generation_options):
-        """Transcribes 1-D float arrays at the encoder's rate, batched by length; the output keeps the input
-        order. `generation_options` (max_new_tokens=..., num_beams=...) update `generation_config` for this call."""
-        order = sorted(range(len(audios)), key=lambda i: len(audios[i]), reverse=True)
-        texts = [None] * len(audios)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = self.processor(audios=[audios[i] for i in chunk]).to(self.device)
-            batch_texts = self.generate(**batch, **generation_options)
-            for i, text in zip(chunk, batch_texts):
-                texts[i] = text
-        return texts
+    def transcribe(self, audios, batch_size=8, chunk_seconds=30.0, **decoding):
+        """Transcribes 1-D float arrays (or tensors) at the encoder's rate, batched by length, in input order; one
+        longer than `chunk_seconds` is cut into windows at quiet points (inference.py). Decodes with the model's
+        generation_config and decoding_bounds, changed for this call by `decoding` (as set_decoding takes it)."""
+        clips = []
+        for i, audio in enumerate(audios):
+            audio = checked_clip(audio, f"audios[{i}]", self.sampling_rate)
+            clips.append(inference.Clip(len(audio) / self.sampling_rate, lambda audio=audio: audio))
+        with self.decoding(**decoding):
+            results = inference.transcribe(self, clips, batch_size, chunk_seconds, disable_progress=True)
+        return [r.text for r in results]
 
     @torch.no_grad()
     def generate(self, input_values=None, audio_lengths=None, encoder_frames=None, frame_lengths=None,
-                 generation_config=None, input_features=None, **generation_options):
-        """One padded batch (the processor's audio, or cached encoder frames) -> list of transcripts. Decodes
-        with `generation_config` (this model's unless given) updated by `generation_options`, as HF generate
-        does; stops at EOS, uses the KV cache, prompts left-padded. A clip of digital silence gives ""."""
-        generation_config = copy.deepcopy(generation_config or self.generation_config)
-        generation_config.update(**generation_options)
-        # ours, not the library's: taken off the config before it reaches the LLM's generate
-        tokens_per_second = generation_config.__dict__.pop("max_new_tokens_per_second", None)
-        stop_repeats = generation_config.__dict__.pop("stop_repeats", None)
+                 input_features=None):
+        """One padded batch (the processor's audio, or cached encoder frames) -> list of transcripts, decoded with
+        `generation_config` and `decoding_bounds`; stops at EOS, uses the KV cache, prompts left-padded. A clip of
+        digital silence gives ""."""
         features = _audio_batch(input_values, input_features)
         if encoder_frames is None:
             encoder_frames, frame_lengths = self.encode(features, audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
         inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, left_pad=True)
         seconds = frame_lengths.float() / self.frame_rate  # (B,)
-        bound = BoundedDecoding(seconds.repeat_interleave(generation_config.num_beams), tokens_per_second,
-                                stop_repeats, generation_config.eos_token_id)
-        out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                generation_config=generation_config, logits_processor=LogitsProcessorList([bound]))
+        config = self.generation_config
+        bound = self.decoding_bounds.logits_processor(seconds.repeat_interleave(config.num_beams), config.eos_token_id)
+        out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config,
+                                logits_processor=LogitsProcessorList([bound]))
         # (B, new tokens): with inputs_embeds only, generate returns just the continuation
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         if features is not None:  # digital silence: nothing to transcribe
@@ -490,6 +501,7 @@ class SlamASR(nn.Module):
         os.replace(path + ".tmp", path)
         write_text_atomic(os.path.join(directory, CONFIG_NAME), self.config.to_json_string())
         write_text_atomic(os.path.join(directory, GENERATION_CONFIG_NAME), self.generation_config.to_json_string())
+        write_text_atomic(os.path.join(directory, BOUNDS_NAME), self.decoding_bounds.to_json_string())
         self.processor.save_pretrained(directory)
 
     @classmethod
@@ -546,6 +558,7 @@ class SlamASR(nn.Module):
         model.adapter.load_state_dict(weights, strict=True)
         if os.path.isfile(os.path.join(directory, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(directory)
+        model.decoding_bounds = DecodingBounds.load(directory)
         return model
 
     # --- cost ----------------------------------------------------------------------------------------------

@@ -187,15 +187,14 @@ class SlamASRProcessor:
 
     def __call__(self, audios=None, texts=None, max_target_tokens=None):
         """Clips and/or transcripts -> a BatchFeature of input_values (B, N) (or Whisper's input_features),
-        audio_lengths (B,) and labels (B, T), what SlamASR.forward and .generate take; `num_truncated` says how
-        many transcripts were cut."""
+        audio_lengths (B,) and labels (B, T): what SlamASR.forward and .generate take."""
         from transformers import BatchFeature
 
         batch = {}
         if audios is not None:
             batch[self.input_name], batch["audio_lengths"] = self.audio(audios)
         if texts is not None:
-            batch["labels"], batch["num_truncated"] = self.labels(texts, max_target_tokens)
+            batch["labels"], _ = self.labels(texts, max_target_tokens)
         return BatchFeature(batch)
 
     # --- save / load -----------------------------------------------------------------------------------------

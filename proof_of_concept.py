@@ -15,24 +15,28 @@ from pathlib import Path
 
 import torch
 
-import data
+import corpus
+from audio import read_audio
+from dataset import SpeechDataset
+from decoding import decoding_name
 from model import SlamASR, SlamASRConfig
+from text import normalize_transcript, wer_line, word_error_rate
 
 FIXTURE = Path(__file__).parent / "tests" / "fixtures" / "LibriSpeech"
 
 
 def fixture_split(split):
-    report = data.DataReport(split)
-    dataset = data.build_dataset(split, data.index_librispeech(FIXTURE, split, report), report)
+    report = corpus.DataReport(split)
+    dataset = SpeechDataset(corpus.prepare(split, corpus.index_librispeech(FIXTURE, split, report), report))
     samples = [dataset[i] for i in range(len(dataset))]
-    return [s["audio"] for s in samples], [s["text"] for s in samples]
+    return [s.audio for s in samples], [s.text for s in samples]
 
 
 def show(references, hypotheses, label):
     for ref, hyp in zip(references, hypotheses):
         print(f"  REF: {ref}\n  HYP: {hyp}\n")
     if any(references):
-        print(f"{data.wer_line(data.word_error_rate(references, hypotheses), data.decoding_name(1))} -- {label}")
+        print(f"{wer_line(word_error_rate(references, hypotheses), decoding_name(1))} -- {label}")
 
 
 def tiny_demo(steps):
@@ -68,12 +72,12 @@ def real_demo(args):
         model = SlamASR.from_config(SlamASRConfig(), torch_dtype=torch.float16 if args.device == "cuda" else None)
     model = model.to(args.device).eval()
     if args.audio:
-        audios, references = [data.read_audio(a, model.sampling_rate) for a in args.audio], [""] * len(args.audio)
+        audios, references = [read_audio(a, model.sampling_rate) for a in args.audio], [""] * len(args.audio)
     else:
-        hub = data.load_hub_librispeech("openslr/librispeech_asr", "clean", "test", streaming=True)
+        hub = corpus.load_hub_dataset("openslr/librispeech_asr", "clean", "test", streaming=True)
         rows = list(hub.take(args.num_clips))
-        audios = [data.read_audio(r["audio"]["bytes"], model.sampling_rate) for r in rows]
-        references = [data.normalize_transcript(r["text"]) for r in rows]
+        audios = [read_audio(r["audio"]["bytes"], model.sampling_rate) for r in rows]
+        references = [normalize_transcript(r["text"]) for r in rows]
     hypotheses = model.transcribe(audios, max_new_tokens=200)
     show(references, hypotheses, "UNTRAINED ADAPTER, meaningless" if not args.adapter else
          f"{len(audios)} LibriSpeech test-clean clips (a handful: use transcribe.py for a real score)")

@@ -22,39 +22,40 @@ input is one utterance.
 
 import argparse
 import gc
-import heapq
-import itertools
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
-import data
+import corpus
+import inference
+from audio import DataError, audio_duration, read_audio
 from backbones import load_backbones
+from decoding import DecodingBounds, decoding_name, with_overrides
 from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
 from processor import write_text_atomic
+from text import WER_NORMALIZERS, wer_line, word_error_rate
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3"}
 
 
 def collect_inputs(args):
-    """Records {id, audio, text?} from files/folders, a manifest or a LibriSpeech split; plus index problems."""
-    report = data.DataReport("inputs")
+    """corpus.Records (a text where there is a reference) from files/folders, a manifest or a LibriSpeech split;
+    plus index problems."""
+    report = corpus.DataReport("inputs")
     records = []
     for item in args.inputs:
         path = Path(item)
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else [path]
-        records += [dict(id=str(p), audio=str(p)) for p in files]
+        records += [corpus.Record(id=str(p), text=None, path=str(p)) for p in files]
     if args.manifest:
-        records += data.read_manifest(args.manifest, report, require_text=False)
+        records += corpus.read_manifest(args.manifest, report, require_text=False)
     if args.librispeech_dir:
-        records += data.index_librispeech(args.librispeech_dir, args.split, report)
-    for r in records:
-        if not r.get("text"):
-            r.pop("text", None)  # no reference
+        records += corpus.index_librispeech(args.librispeech_dir, args.split, report)
     return records, report
 
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
                    help="adapter folder written by finetune.py or save_adapter, or a hub repo id holding one")
     p.add_argument("--rescore", metavar="JSONL", help="score the reference/hypothesis (or text) lines of an earlier "
                    "output or a finetune.py predictions file again, without decoding")
-    p.add_argument("--normalizer", default="whisper", choices=list(data.WER_NORMALIZERS),
+    p.add_argument("--normalizer", default="whisper", choices=list(WER_NORMALIZERS),
                    help="text normalization before WER: 'whisper' (Whisper's English normalizer, what published "
                         "LibriSpeech figures use) or 'simple' (lower case, no punctuation)")
     p.add_argument("--output", help="JSON-lines output (default: print the lines)")
@@ -102,9 +103,12 @@ def parse_args(argv=None):
         p.error("--adapter is required (or --rescore, to score an earlier output again)")
     if not (args.inputs or args.manifest or args.librispeech_dir):
         p.error("give audio files or folders, --manifest, or --librispeech_dir")
-    for name in ("batch_size", "max_new_tokens", "num_beams"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1 (got {args.batch_size})")
+    try:  # the decoding flags, checked as they will be applied
+        decoding_options(args, GenerationConfig(), DecodingBounds())
+    except ValueError as e:
+        p.error(f"--{e}")
     if args.max_duration is not None and not args.max_duration > 0:
         p.error(f"--max_duration must be a positive number of seconds (got {args.max_duration})")
     if not 1 <= args.chunk_seconds < float("inf"):
@@ -160,6 +164,12 @@ def read_output(path):
     return rows
 
 
+def decoding_options(args, generation_config, bounds):
+    """The adapter's decoding options with the flags given (decoding.with_overrides)."""
+    return with_overrides(generation_config, bounds, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                          max_new_tokens_per_second=args.max_new_tokens_per_second)
+
+
 def load_model(args):
     """The adapter's model, with --encoder/--llm as the backbones where given and the decoding flags given."""
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else None)
@@ -172,108 +182,42 @@ def load_model(args):
                                                                     attn_implementation=args.attn_implementation)
         backbones = dict(encoder=encoder, llm=llm, tokenizer=tokenizer, feature_extractor=feature_extractor)
     model = SlamASR.load_adapter(adapter, torch_dtype=dtype, attn_implementation=args.attn_implementation, **backbones)
-    given = {name: getattr(args, name) for name in ("max_new_tokens", "num_beams", "max_new_tokens_per_second")
-             if getattr(args, name) is not None}
-    model.generation_config.update(**given)
+    model.generation_config, model.decoding_bounds = decoding_options(args, model.generation_config,
+                                                                      model.decoding_bounds)
     return model.to(args.device).eval()
 
 
 def decoding(args, model=None):
     """How the WER was decoded, for the line that reports it: the model's options, or where every line was there
-    already (--resume), the adapter's generation_config.json with the flags given."""
-    if model is not None:
-        beams = model.generation_config.num_beams
+    already (--resume), the adapter's saved ones with the flags given."""
+    if model is None:
+        adapter = resolve_adapter_dir(args.adapter)
+        saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
+            GenerationConfig())
+        generation_config, _ = decoding_options(args, saved, DecodingBounds())
     else:
-        saved = Path(resolve_adapter_dir(args.adapter)) / GENERATION_CONFIG_NAME
-        beams = args.num_beams or (json.loads(saved.read_text()).get("num_beams", 1) if saved.is_file() else 1)
-    return data.decoding_name(beams)
+        generation_config = model.generation_config
+    return decoding_name(generation_config.num_beams)
 
 
-def transcribe_records(model, records, batch_size, max_duration=None, chunk_seconds=30.0):
-    """Yields lists of finished records, each with its "hypothesis" or "error": first the inputs whose header
-    cannot be read or that are over max_duration, then, batch by batch, the inputs that batch finished.
-
-    An input longer than chunk_seconds is transcribed as windows cut at quiet points (data.quiet_cuts); its
-    hypothesis is theirs joined in order, and it is finished (its line written) only when its last window is.
-    Clips and windows go through one queue, longest first, so that batches hold similar lengths; a long input
-    waits in it with the length of its shortest full window (chunk_seconds - data.CUT_SEARCH_SECONDS), and is
-    read and cut only when that comes up: its windows are then queued by their own lengths. So a long file is
-    read once, and its audio is held only until its windows are decoded (mostly by the next batches; the last
-    window, often short, waits for the clips of its length), never every long file at once."""
-    for r in records:
-        try:
-            r["duration"] = data.audio_duration(r["audio"])
-        except data.DataError as e:
-            r["error"] = str(e)
-        else:
-            if max_duration is not None and r["duration"] > max_duration:
-                r["error"] = f"{r['duration']:.1f} s is longer than --max_duration {max_duration:g} s"
-    failed = [r for r in records if "error" in r]
-    if failed:
-        yield failed
-    todo = [r for r in records if "error" not in r]
-    rate = model.sampling_rate
-    # (-seconds, order, clip): a clip is {"input": record}, read when batched, or a long input's window
-    # {"input", "window": index, "audio"}; the order number keeps ties in input order
-    waits_as = max(chunk_seconds - data.CUT_SEARCH_SECONDS, 0)  # a long input's place: its shortest full window
-    queue = [(-(r["duration"] if r["duration"] <= chunk_seconds else waits_as), i, {"input": r})
-             for i, r in enumerate(todo)]
-    heapq.heapify(queue)
-    order = itertools.count(len(queue))
-    def load(clip):
-        return clip["audio"] if "window" in clip else data.read_audio(clip["input"]["audio"], rate)
-
-    with tqdm(total=len(todo), desc="transcribing", unit="input", disable=not todo) as bar:
-        while queue:
-            batch, finished = [], []
-            while queue and len(batch) < batch_size:
-                clip = heapq.heappop(queue)[2]
-                r = clip["input"]
-                if "window" in clip or r["duration"] <= chunk_seconds:
-                    batch.append(clip)
-                    continue
-                try:  # a long input's turn: read it once, queue its windows
-                    audio = data.read_audio(r["audio"], rate)
-                except data.DataError as e:
-                    r["error"] = str(e)
-                    finished.append(r)
-                    continue
-                cuts = data.quiet_cuts(audio, rate, chunk_seconds)
-                r["windows"] = [None] * len(cuts)  # their texts, as they come
-                r["cuts"] = [round(end / rate, 2) for _, end in cuts[:-1]]
-                for k, (start, end) in enumerate(cuts):
-                    # views of the file's audio, freed with the full windows in the next batches; the last window
-                    # is copied, as it may wait for the short clips and should not keep the whole file meanwhile
-                    samples = audio[start:end] if k < len(cuts) - 1 else audio[start:end].copy()
-                    window = {"input": r, "window": k, "audio": samples}
-                    heapq.heappush(queue, (-(end - start) / rate, next(order), window))
-                del audio  # from here only its windows hold it
-            loaded, audios, bad = data.load_clips(load, batch)
-            for clip, reason in bad:  # only inputs read here: windows are in memory already
-                clip["input"]["error"] = reason
-                finished.append(clip["input"])
-            texts = model.generate(**model.processor(audios=audios).to(model.device)) if audios else []
-            for clip, text in zip(loaded, texts):
-                r = clip["input"]
-                if "window" not in clip:
-                    r["hypothesis"] = text
-                    finished.append(r)
-                    continue
-                r["windows"][clip["window"]] = text
-                if all(t is not None for t in r["windows"]):
-                    r["hypothesis"] = " ".join(t for t in r.pop("windows") if t)  # a silent window gives ""
-                    finished.append(r)
-            bar.update(len(finished))
-            yield finished
+def clip(record, sampling_rate, max_duration=None):
+    """The inference.Clip of one input: its header's duration, or why it cannot be transcribed."""
+    try:
+        seconds = audio_duration(record.path)
+    except DataError as e:
+        return inference.Clip(error=str(e))
+    if max_duration is not None and seconds > max_duration:
+        return inference.Clip(error=f"{seconds:.1f} s is longer than --max_duration {max_duration:g} s")
+    return inference.Clip(seconds, partial(read_audio, record.path, sampling_rate))
 
 
-def output_row(record):
-    row = {"path": record["audio"]}
-    row.update({"text": record["hypothesis"]} if "hypothesis" in record else {"error": record["error"]})
-    if record.get("cuts") and "hypothesis" in record:
-        row["cuts"] = record["cuts"]  # seconds at which a long input was cut into windows
-    if "text" in record:
-        row["reference"] = record["text"]
+def output_row(record, transcript):
+    row = {"path": record.path}
+    row.update({"text": transcript.text} if transcript.error is None else {"error": transcript.error})
+    if transcript.cuts:
+        row["cuts"] = list(transcript.cuts)  # seconds at which a long input was cut into windows
+    if record.text:
+        row["reference"] = record.text
     return row
 
 
@@ -282,7 +226,7 @@ def write_in_input_order(path, rows, records):
     an earlier --resume'd run, last), written atomically: a kill leaves one whole file."""
     order = {}
     for i, r in enumerate(records):
-        order.setdefault(r["audio"], i)
+        order.setdefault(r.path, i)
     rows = sorted(rows, key=lambda row: order.get(row["path"], len(records)))  # stable: repeats keep their order
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
@@ -294,8 +238,8 @@ def summarize(rows, output, decoded, normalizer):
           + (f" (see the error lines in {output})" if failed and output else ""), file=sys.stderr)
     scored = [row for row in rows if "reference" in row and "text" in row]
     if scored:
-        s = data.word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored], normalizer)
-        print(f"{data.wer_line(s, decoded)}; {len(scored)} utterances", file=sys.stderr)
+        s = word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored], normalizer)
+        print(f"{wer_line(s, decoded)}; {len(scored)} utterances", file=sys.stderr)
     return 0 if failed < len(rows) else 1
 
 
@@ -308,9 +252,9 @@ def rescore(path, normalizer):
     if not scored:
         print(f"{path}: no line with a reference and a hypothesis (or text) to score", file=sys.stderr)
         return 1
-    s = data.word_error_rate([r["reference"] for r in scored], [r.get("hypothesis", r.get("text")) for r in scored],
-                             normalizer)
-    print(f"{data.wer_line(s)}; {len(scored)} utterances of {len(rows)} lines in {path}")
+    s = word_error_rate([r["reference"] for r in scored], [r.get("hypothesis", r.get("text")) for r in scored],
+                        normalizer)
+    print(f"{wer_line(s)}; {len(scored)} utterances of {len(rows)} lines in {path}")
     return 0
 
 
@@ -325,7 +269,7 @@ def main(argv=None):
         return 1
     rows = read_output(args.output) if args.resume else []
     done = {row["path"] for row in rows}
-    todo = [r for r in records if r["audio"] not in done]
+    todo = [r for r in records if r.path not in done]
     if args.resume:
         print(f"{args.output}: {len(rows)} lines already there; {len(todo)} of {len(records)} inputs to go",
               file=sys.stderr)
@@ -333,12 +277,14 @@ def main(argv=None):
     if todo:
         model = load_model(args)
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
+        def write(index, transcript):
+            rows.append(output_row(todo[index], transcript))
+            out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
+            out.flush()
+
         try:
-            for finished in transcribe_records(model, todo, args.batch_size, args.max_duration, args.chunk_seconds):
-                for r in finished:
-                    rows.append(output_row(r))
-                    out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
-                out.flush()
+            clips = [clip(r, model.sampling_rate, args.max_duration) for r in todo]
+            inference.transcribe(model, clips, args.batch_size, args.chunk_seconds, on_result=write)
         except KeyboardInterrupt:
             print(f"interrupted: {len(rows)} lines are in {args.output or 'the output above'}"
                   + ("; the same command with --resume goes on from there" if args.output else ""), file=sys.stderr)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -9,16 +10,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="slam-asr-tests-hf-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT / "tests" / "fixtures" / "LibriSpeech"
 
+from audio import SAMPLE_RATE
 from backbones import tiny_backbones  # noqa: E402
-from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig  # noqa: E402
+from corpus import ClipFilter, DataReport, index_librispeech, prepare  # noqa: E402
+from dataset import SpeechDataset  # noqa: E402
+from model import DEFAULT_PROMPT_TEMPLATE, WEIGHTS_NAME, SlamASR, SlamASRConfig  # noqa: E402
 from processor import SlamASRProcessor  # noqa: E402
 
 
@@ -139,9 +145,7 @@ def assert_padded_batch_matches_singles(model, audios, texts):
     """The summed token loss and the adapter's gradients of a padded batch equal those of each clip alone."""
     def sum_loss_and_grads(a, t):
         model.zero_grad()
-        batch = model.processor(audios=a, texts=t)
-        batch.pop("num_truncated")
-        out = model(**batch)
+        out = model(**model.processor(audios=a, texts=t))
         (out.loss * out.num_tokens).backward()  # summed token loss: adds up exactly across clips
         return (out.loss * out.num_tokens).item(), [p.grad.clone() for p in model.adapter.parameters()]
 
@@ -150,3 +154,73 @@ def assert_padded_batch_matches_singles(model, audios, texts):
     assert batch_loss == pytest.approx(sum(s[0] for s in singles), rel=1e-4)
     for i, g in enumerate(batch_grads):
         torch.testing.assert_close(g, sum(s[1][i] for s in singles), rtol=1e-3, atol=1e-5)
+
+
+CLIP = FIXTURE / "test-clean" / "3001" / "4001" / "3001-4001-0000.flac"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    audio, rate = sf.read(CLIP, dtype="float32")
+    assert rate == SAMPLE_RATE
+    return audio
+
+
+@pytest.fixture(scope="session")
+def train_set():
+    report = DataReport("t")
+    return build_dataset("t", index_librispeech(FIXTURE, "train-clean-100", report), report)
+
+
+def batch_loss(model, batch):
+    with torch.no_grad():
+        return model(**batch).loss  # a collator's batch is exactly what forward takes
+
+
+def tiny_args(out, *extra, steps=8, source=("--librispeech_dir", str(FIXTURE))):
+    return ["--encoder", "tiny", "--llm", "tiny", "--adapter_hidden", "256", *source, "--output_dir", str(out),
+            "--use_cpu", "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+            "--warmup_steps", "0", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "2",
+            "--max_new_tokens", "8", "--dataloader_num_workers", "0", "--seed", "7", *extra]
+
+
+def adapter_weights(path):
+    return load_file(os.path.join(path, WEIGHTS_NAME))
+
+
+def run_script(args, env_extra=None, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+NO_EVAL = ("--eval_split", "")
+
+
+def spliced_recording(path, seconds, seed=0):
+    """A recording of `seconds` made of the fixture's clips in turn, each followed by a gap of digital silence
+    (0.5 to 1.5 s); written to `path`. Returns the clips' transcripts in order, and the gaps as (start, end)
+    in seconds."""
+    clips = sorted(FIXTURE.glob("*/*/*/*.flac"))
+    texts = {}
+    for trans in FIXTURE.glob("*/*/*/*.trans.txt"):
+        texts.update(line.split(" ", 1) for line in trans.read_text().splitlines())
+    rng = np.random.default_rng(seed)
+    pieces, spoken, gaps, at = [], [], [], 0
+    while True:
+        clip, _ = sf.read(clips[len(spoken) % len(clips)], dtype="float32")
+        gap = min(int(rng.uniform(0.5, 1.5) * 16000), seconds * 16000 - at - len(clip))
+        if gap <= 0:  # the clip does not fit: silence to the end
+            pieces.append(np.zeros(seconds * 16000 - at, np.float32))
+            gaps.append((at / 16000, seconds))
+            break
+        pieces += [clip, np.zeros(gap, np.float32)]
+        spoken.append(texts[clips[len(spoken) % len(clips)].stem])
+        gaps.append(((at + len(clip)) / 16000, (at + len(clip) + gap) / 16000))
+        at += len(clip) + gap
+    sf.write(path, np.concatenate(pieces), 16000, subtype="FLOAT")
+    return spoken, gaps
+
+
+def build_dataset(name, records, report, hub_dataset=None, **clip_filter):
+    """A SpeechDataset of `records` as finetune.py makes one: prepared (corpus.prepare) through a ClipFilter."""
+    return SpeechDataset(prepare(name, records, report, ClipFilter(**clip_filter)), hub_dataset=hub_dataset)

@@ -5,12 +5,12 @@ import time
 
 import pytest
 import torch
-from conftest import make_model
-from test_finetune import tiny_args
+from conftest import make_model, tiny_args
 
-import data
 import efficiency
 import finetune
+from batching import SpeechCollator
+from dataset import Sample
 
 
 @pytest.fixture(autouse=True)
@@ -63,17 +63,18 @@ def test_run_reports_flops_phases_and_mfu(tmp_path, cached):
 
 
 def test_counted_flops_are_each_batchs_flops(train_clips):
-    # the running sums give exactly the per-batch FLOPs of flops_per_step, from the collator's real lengths
+    # the running sums give exactly the per-batch FLOPs of flops_per_step, from what forward says it computed
     model = make_model()
-    collator = data.SpeechCollator(model.processor)
+    collator = SpeechCollator(model.processor)
     run = efficiency.RunEfficiency()
     run.set_model(model, "cpu", torch.float32)
     expected = 0.0
     P, Q = len(model.prefix_ids), len(model.suffix_ids)
     clips = list(zip(*train_clips))
     for batch_clips in (clips[:3], clips[3:5]):
-        batch = collator([dict(id=str(i), audio=a, text=t, skipped=[]) for i, (a, t) in enumerate(batch_clips)])
-        run.count_batch(model, batch)
+        batch = collator([Sample(str(i), t, audio=a) for i, (a, t) in enumerate(batch_clips)])
+        with torch.no_grad():
+            run.count_step(model(**batch))
         seconds = batch["audio_lengths"].sum().item() / model.sampling_rate
         speech = model.speech_lengths(batch["audio_lengths"]).sum().item()
         targets = (batch["labels"] != -100).sum().item()

@@ -1,3 +1,4 @@
+"""The recipe end to end, its arguments and refusals (finetune.py)."""
 import json
 import os
 import signal
@@ -8,23 +9,20 @@ import time
 
 import pytest
 import torch
-from conftest import FIXTURE, ROOT, hub_rows
-from safetensors.torch import load_file
+from conftest import (
+    FIXTURE,
+    NO_EVAL,
+    ROOT,
+    adapter_weights,
+    hub_rows,
+    run_script,
+    tiny_args,
+)
 
 import finetune
+from checkpoints import COMPLETE_MARKER, find_checkpoints
 from model import CONFIG_NAME, WEIGHTS_NAME, SlamASR
-from trainer import COMPLETE_MARKER, SlamASRTrainer, find_checkpoints
-
-
-def tiny_args(out, *extra, steps=8, source=("--librispeech_dir", str(FIXTURE))):
-    return ["--encoder", "tiny", "--llm", "tiny", "--adapter_hidden", "256", *source, "--output_dir", str(out),
-            "--use_cpu", "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-            "--warmup_steps", "0", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "2",
-            "--max_new_tokens", "8", "--dataloader_num_workers", "0", "--seed", "7", *extra]
-
-
-def adapter_weights(path):
-    return load_file(os.path.join(path, WEIGHTS_NAME))
+from trainer import SlamASRTrainer
 
 
 def test_end_to_end_tiny_run(tmp_path):
@@ -53,22 +51,6 @@ def test_end_to_end_tiny_run(tmp_path):
     assert torch.equal(model.adapter.proj[0].weight, adapter_weights(out)["proj.0.weight"])
 
 
-def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
-    out = tmp_path / "out"
-    assert finetune.main(tiny_args(out, "--eval_split", "", steps=4)) == 0
-    with pytest.raises(ValueError, match="resume_from_checkpoint last"):
-        finetune.main(tiny_args(out, "--eval_split", "", steps=4))
-    torn = out / "checkpoint-6"
-    torn.mkdir()
-    (torn / WEIGHTS_NAME).write_bytes(b"half")
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
-        finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", str(torn), steps=8))
-    assert finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", "last", steps=8)) == 0
-    assert not torn.exists() or (torn / COMPLETE_MARKER).exists()
-    assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
-
-
-# duration batches: 2 per epoch, read by 2 persistent loader workers (resuming skips batches through them)
 @pytest.mark.parametrize("batching", [(), ("--max_batch_seconds", "7", "--dataloader_num_workers", "2")])
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, batching):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -91,35 +73,6 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, batching):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert not torch.equal(a["proj.0.weight"], adapter_weights(straight / "checkpoint-4")["proj.0.weight"])
-
-
-def test_nonfinite_loss_skips_step_then_stops(tmp_path, monkeypatch):
-    forward = SlamASR.forward
-    calls = {"n": 0}
-
-    def sometimes_nan(self, *a, **kw):
-        out = forward(self, *a, **kw)
-        calls["n"] += 1
-        if self.training and calls["n"] in (2, 3):
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(SlamASR, "forward", sometimes_nan)
-    out = tmp_path / "out"
-    assert finetune.main(tiny_args(out, "--eval_split", "", steps=6)) == 0
-    weights = adapter_weights(out)
-    assert all(torch.isfinite(w).all() for w in weights.values())  # without the skip, NaN reaches the adapter
-
-    monkeypatch.setattr(SlamASR, "forward", lambda self, *a, **kw: type(forward(self, *a, **kw))(
-        loss=forward(self, *a, **kw).loss * float("inf")))
-    out2 = tmp_path / "out2"
-    assert finetune.main(tiny_args(out2, "--eval_split", "", "--max_nonfinite_steps", "3", steps=6)) == 1
-    assert not (out2 / WEIGHTS_NAME).exists()  # nothing saved from a diverged run
-
-
-def run_script(args, env_extra=None, **kw):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -196,12 +149,12 @@ def test_trains_from_the_hub_copy(tmp_path, hub_copy, monkeypatch, caplog, strea
 def test_streaming_refuses_what_needs_an_index():
     base = ["--output_dir", "x", "--streaming"]
     with pytest.raises(ValueError, match="needs --dataset_name"):
-        finetune.parse_args([*base, "--librispeech_dir", "y", "--max_steps", "5"])
+        finetune.arguments([*base, "--librispeech_dir", "y", "--max_steps", "5"])
     with pytest.raises(ValueError, match="--group_by_length"):
-        finetune.parse_args([*base, "--dataset_name", "d", "--group_by_length", "--max_steps", "5"])
+        finetune.arguments([*base, "--dataset_name", "d", "--group_by_length", "--max_steps", "5"])
     with pytest.raises(ValueError, match="set --max_steps"):
-        finetune.parse_args([*base, "--dataset_name", "d"])
-    assert finetune.parse_args([*base, "--dataset_name", "d", "--max_steps", "5", "--eval_split", ""])[2].streaming
+        finetune.arguments([*base, "--dataset_name", "d"])
+    assert finetune.arguments([*base, "--dataset_name", "d", "--max_steps", "5", "--eval_split", ""])[2].streaming
 
 
 def test_two_process_streaming_run(tmp_path, hub_copy):
@@ -250,7 +203,7 @@ def test_script_sh_launches_a_valid_command(tmp_path):
     args = (tmp_path / "args.accelerate").read_text().splitlines()
     assert args[:5] == ["launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision"]
     script_args = args[args.index("finetune.py") + 1:]
-    config, _, data_args, training_args = finetune.parse_args(script_args)
+    config, _, data_args, training_args = finetune.arguments(script_args)
     assert config.encoder == "facebook/hubert-large-ls960-ft" and training_args.fp16
     assert training_args.max_steps == 5 and training_args.gradient_accumulation_steps == 2
     assert training_args.train_sampling_strategy == "group_by_length"
@@ -273,7 +226,7 @@ def test_preprocessing_only_prepares_the_data_and_exits(tmp_path, hub_copy, capl
 def test_flags_that_would_do_nothing_are_refused():
     for flag in (["--generation_max_length", "10"], ["--sortish_sampler"], ["--remove_unused_columns", "true"]):
         with pytest.raises(ValueError):
-            finetune.parse_args(["--output_dir", "x", *flag])
+            finetune.arguments(["--output_dir", "x", *flag])
 
 
 def test_bad_clip_mid_training_is_skipped_and_counted(tmp_path, caplog):
@@ -322,7 +275,7 @@ def test_push_to_hub_publishes_the_adapter_with_a_model_card(tmp_path, monkeypat
     assert calls["upload"][0] == "someone/slam-asr-tiny" and calls["upload"][2] == "step-4"
     folder = calls["upload"][1]
     assert sorted(os.listdir(folder)) == sorted(["README.md", "adapter.safetensors", "slam_asr_config.json",
-                                                 "prompt_ids.json", "generation_config.json"])
+                                                 "prompt_ids.json", "generation_config.json", "decoding_bounds.json"])
     card = open(os.path.join(folder, "README.md")).read()
     wer = json.loads((out / "eval_results.json").read_text())["eval_wer"]
     for expected in ("base_model:\n- tiny\n- tiny", "4 steps", "LibriSpeech train-clean-100", f"WER **{100 * wer:.2f}%**",
@@ -330,7 +283,128 @@ def test_push_to_hub_publishes_the_adapter_with_a_model_card(tmp_path, monkeypat
         assert expected in card, expected
     assert SlamASR.load_adapter(folder).config == SlamASR.load_adapter(out).config
     with pytest.raises(ValueError, match="--hub_model_id"):
-        finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--push_to_hub"])
+        finetune.arguments(["--output_dir", "x", "--librispeech_dir", "l", "--push_to_hub"])
     with pytest.raises(ValueError, match="--hub_strategy"):
-        finetune.parse_args(["--output_dir", "x", "--librispeech_dir", "l", "--push_to_hub", "--hub_model_id", "a/b",
+        finetune.arguments(["--output_dir", "x", "--librispeech_dir", "l", "--push_to_hub", "--hub_model_id", "a/b",
                              "--hub_strategy", "checkpoint"])
+
+
+def test_loader_defaults_fit_the_machine(monkeypatch):
+    # On a CPU the step's threads use every core: no loader workers (2 of them on this 2-core machine, restarted
+    # each epoch, made the training phase 1.3x slower). With GPUs, each process's share of the cores up to 4
+    # workers, kept for the whole run; pinned memory only where there is a GPU to copy to. All overridable.
+    import finetune
+    args = ["--encoder", "tiny", "--llm", "tiny", "--train_manifest", "m.jsonl"]
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    training_args = finetune.arguments(args)[3]
+    assert training_args.dataloader_num_workers == 0 and not training_args.dataloader_persistent_workers
+    assert not training_args.dataloader_pin_memory
+    workers = finetune.arguments(args + ["--dataloader_num_workers", "2"])[3]
+    assert workers.dataloader_num_workers == 2 and workers.dataloader_persistent_workers
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    # TrainingArguments would set up that GPU as it parses: this machine has none
+    monkeypatch.setattr(finetune.Seq2SeqTrainingArguments, "device", torch.device("cpu"))
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    gpu = finetune.arguments(args)[3]
+    assert gpu.dataloader_num_workers == 4 and gpu.dataloader_persistent_workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert finetune.arguments(args)[3].dataloader_num_workers == 2  # 8 processes share 16 cores
+    assert finetune.arguments(args + ["--dataloader_num_workers", "8"])[3].dataloader_num_workers == 8
+    # a CPU run on a machine with a GPU is a CPU run
+    assert finetune.arguments(args + ["--use_cpu"])[3].dataloader_num_workers == 0
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert finetune.arguments(args)[3].dataloader_num_workers == 0
+    no_workers = finetune.arguments(args + ["--use_cpu", "--dataloader_num_workers", "0"])[3]
+    assert not no_workers.dataloader_persistent_workers  # DataLoader refuses persistent workers without workers
+
+
+def test_an_args_file_gets_the_same_defaults_as_the_command_line(tmp_path):
+    import yaml
+    values = {"encoder": "tiny", "llm": "tiny", "librispeech_dir": "data", "output_dir": "out", "max_steps": 5,
+              "group_by_length": True, "eval_steps": 10, "prompt_template": "Say: <speech>", "weight_decay": 0.01,
+              "lr_scheduler_type": "cosine"}
+    cli = ["--encoder", "tiny", "--llm", "tiny", "--librispeech_dir", "data", "--output_dir", "out", "--max_steps",
+           "5", "--group_by_length", "--eval_steps", "10", "--prompt_template", "Say: <speech>", "--weight_decay",
+           "0.01", "--lr_scheduler_type", "cosine"]
+    (tmp_path / "args.json").write_text(json.dumps(values))
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(values))
+    expected = finetune.arguments(cli)
+    for file in ("args.json", "args.yaml"):
+        assert finetune.arguments([str(tmp_path / file)]) == expected, file
+    config, _, data_args, training_args = expected
+    assert config.prompt_template == "Say: <speech>"
+    assert training_args.learning_rate == 1e-4 and training_args.save_total_limit == 3  # the recipe's, not HF's
+    assert data_args.eval_split == "dev-clean" and training_args.do_eval and not training_args.remove_unused_columns
+    # arguments after the file override it
+    assert finetune.arguments([str(tmp_path / "args.yaml"), "--max_steps", "7"])[3].max_steps == 7
+    (tmp_path / "typo.json").write_text(json.dumps({**values, "learning_rat": 1e-3}))
+    with pytest.raises(ValueError, match=r"typo.json: unknown arguments \['learning_rat'\]"):
+        finetune.arguments([str(tmp_path / "typo.json")])
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--dataset_name", "d", "--librispeech_dir", "l", "--train_manifest", "m"],
+     "--librispeech_dir and --dataset_name and --train_manifest: train on one data source"),
+    (["--librispeech_dir", "l", "--train_manifest", "m"], "--librispeech_dir and --train_manifest: train on one"),
+    ([], "no data: pass --librispeech_dir, --dataset_name or --train_manifest"),
+    (["--train_manifest", "m", "--eval_split", "dev-clean"], "with --train_manifest, evaluate on --eval_manifest"),
+    (["--librispeech_dir", "l", "--eval_split", "dev-clean", "--eval_manifest", "e"], "evaluate on one of them"),
+    (["--dataset_name", "d"], "--dataset_name needs --eval_split"),
+])
+def test_one_data_source_and_an_evaluation_that_fits_it(args, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        finetune.arguments(["--output_dir", "x", *args])
+
+
+@pytest.mark.parametrize("args, evaluates_on", [
+    (["--train_manifest", "m"], None),  # used to fail at loading: "no data", for the default --eval_split
+    (["--train_manifest", "m", "--eval_manifest", "e"], "e"),
+    (["--librispeech_dir", "l"], "dev-clean"),
+    (["--librispeech_dir", "l", "--eval_split", "dev-other"], "dev-other"),
+    (["--librispeech_dir", "l", "--eval_manifest", "e"], "e"),
+    (["--dataset_name", "d", "--eval_split", "validation"], "validation"),
+])
+def test_the_evaluation_each_source_gets(args, evaluates_on):
+    _, _, data_args, training_args = finetune.arguments(["--output_dir", "x", *args])
+    assert (data_args.eval_split or data_args.eval_manifest) == evaluates_on
+    assert training_args.do_eval == (evaluates_on is not None)
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--max_steps", "0"], "--max_steps 0"),
+    (["--num_train_epochs", "0"], "--num_train_epochs 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0"),
+    (["--max_target_tokens", "1"], "--max_target_tokens 1"),
+    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps 0"),
+    (["--min_duration", "5", "--max_duration", "2"], "--max_duration 2 .must be > --min_duration 5"),
+    (["--min_duration", "-1"], "--min_duration -1"),
+    (["--max_eval_samples", "0"], "--max_eval_samples 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
+])
+def test_numbers_that_would_waste_a_run_are_refused_by_name(args, refusal):
+    with pytest.raises(ValueError, match=f"out of range: .*{refusal}"):
+        finetune.arguments(["--output_dir", "x", "--librispeech_dir", "l", *args])
+    # the model's own numbers are SlamASRConfig's to check, as it parses
+    with pytest.raises(ValueError, match="adapter_hidden must be an integer >= 1, got 0"):
+        finetune.arguments(["--output_dir", "x", "--librispeech_dir", "l", "--adapter_hidden", "0"])
+
+
+def test_epochs_may_be_zero_when_steps_are_set():
+    assert finetune.arguments(["--output_dir", "x", "--librispeech_dir", "l", "--num_train_epochs", "0",
+                                "--max_steps", "5"])[3].max_steps == 5
+
+
+def test_a_transcript_holding_a_special_token_is_dropped_and_counted(tmp_path, caplog):
+    from conftest import FIXTURE
+    clips = sorted((FIXTURE / "train-clean-100").glob("*/*/*.flac"))[:4]
+    texts = ["the ship sailed", "she read the news", "the end </s> of it", "a dog ran"]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"audio": str(c), "text": t}) + "\n"
+                                                  for c, t in zip(clips, texts)))
+    with caplog.at_level("INFO"):
+        assert finetune.main(tiny_args(tmp_path / "out", "--train_manifest", str(tmp_path / "train.jsonl"),
+                                       *NO_EVAL, "--per_device_train_batch_size", "2", steps=3,
+                                       source=())) == 0  # trained as an EOS in mid-sentence, it would not be
+    assert "1  transcript holds the LLM's special token </s>" in caplog.text and "train: 3 clips" in caplog.text

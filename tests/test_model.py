@@ -1,18 +1,25 @@
+"""The model: config, adapters, splice, loss, generation, adapter save/load (model.py)."""
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_padded_batch_matches_singles, make_model, overfit, tiny_processor
+from conftest import assert_padded_batch_matches_singles, make_model, overfit
 
 from backbones import tiny_backbones
-from model import (ADAPTERS, CONFIG_NAME, DEFAULT_PROMPT_TEMPLATE, GENERATION_CONFIG_NAME, WEIGHTS_NAME,
-                   BoundedDecoding, SlamASR, SlamASRConfig)
-from processor import PROMPT_IDS_NAME
+from batching import SpeechCollator
+from decoding import DecodingBounds
+from model import (
+    ADAPTER_FILES,
+    ADAPTERS,
+    CONFIG_NAME,
+    DEFAULT_PROMPT_TEMPLATE,
+    WEIGHTS_NAME,
+    SlamASR,
+    SlamASRConfig,
+)
 
-
-# --- config -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [
     dict(prompt_template="no placeholder here"),
@@ -45,8 +52,6 @@ def test_tiny_backbones_are_deterministic():
     assert a[2]("the ship")["input_ids"] == b[2]("the ship")["input_ids"]
     assert not torch.equal(next(tiny_backbones(seed=4)[1].parameters()), next(a[1].parameters()))
 
-
-# --- freezing -----------------------------------------------------------------------------------------------
 
 def test_only_the_adapter_trains():
     model = make_model()
@@ -100,8 +105,6 @@ def test_encoder_gets_mask_only_when_feature_extractor_says_so(train_clips):
     assert seen[0] is not None and seen[1] is None
 
 
-# --- lengths, splice and labels -------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 @pytest.mark.parametrize("downsample", [1, 3, 5])
 def test_speech_length_is_exact(adapter, downsample):
@@ -115,36 +118,6 @@ def test_speech_length_is_exact(adapter, downsample):
         assert embeds.shape[1] == lengths.item() == expected
         assert model.speech_lengths(torch.tensor([n])).item() == expected
 
-
-def test_labels_cover_transcript_and_eos_only(train_clips):
-    audios, texts = train_clips
-    model = make_model()
-    tok = model.tokenizer
-    batch_texts = ["the ship", "a much longer transcript than the first one"]
-    input_values, audio_lengths = model.processor.audio(audios[:2])
-    labels, _ = model.processor.labels(batch_texts)
-    frames, frame_lengths = model.encode(input_values, audio_lengths)
-    embeds, speech_lengths = model.adapt(frames, frame_lengths)
-    _, attention_mask, targets = model.splice(embeds, speech_lengths, labels)
-    P, Q = len(model.prefix_ids), len(model.suffix_ids)
-    for i, text in enumerate(batch_texts):
-        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        start = P + speech_lengths[i].item() + Q
-        assert targets[i, start:start + len(ids)].tolist() == ids
-        assert (targets[i, :start] == -100).all() and (targets[i, start + len(ids):] == -100).all()
-        assert attention_mask[i].sum().item() == start + len(ids)  # padding is masked and never a target
-    assert (targets[attention_mask == 0] == -100).all()
-
-
-def test_truncation_keeps_eos():
-    processor = tiny_processor()
-    tok = processor.tokenizer
-    labels, truncated = processor.labels(["the ship sailed at dawn", "a"], max_target_tokens=3)
-    assert truncated == 1
-    assert labels.shape[1] == 3 and labels[0, -1].item() == tok.eos_token_id
-
-
-# --- padding invariance -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 def test_padded_batch_matches_singles(train_clips, adapter):
@@ -183,36 +156,11 @@ def test_beam_search_runs(trained_model, train_clips):
     assert trained_model.transcribe(audios[:2], num_beams=3, max_new_tokens=12) == texts[:2]
 
 
-def test_decoding_is_bounded_by_the_clips_duration(train_clips):
-    audios, _ = train_clips
-    fresh = make_model(seed=1)  # an untrained adapter: the LLM rambles on
-    lengths, generate = [], fresh.llm.generate
-    fresh.llm.generate = lambda **kw: (lambda out: (lengths.append(out.shape[1]), out)[1])(generate(**kw))
-    short = min(audios, key=len)
-    fresh.transcribe([short], max_new_tokens=200)
-    fresh.transcribe([short], max_new_tokens=200, max_new_tokens_per_second=None, stop_repeats=0)
-    assert lengths[0] <= int(np.ceil(len(short) / 16000 * 15)) + 10 < lengths[1]
-
-
-def test_looping_hypotheses_are_ended():
-    eos = 2
-    loop = torch.tensor([[5, 6, 7] + [8, 9] * 6])  # a run of 2 tokens, 6 times in a row
-    varied = torch.tensor([list(range(10, 25))])
-    for ids, ends in ((loop, True), (varied, False)):
-        scores = BoundedDecoding(torch.tensor([10.0]), 15.0, 4, eos)(ids, torch.zeros(1, 30))
-        assert (scores[0].argmax().item() == eos and scores[0, 3].item() < -1e30) == ends
-    long_enough = BoundedDecoding(torch.tensor([0.5]), 15.0, 4, eos)  # 0.5 s: ceil(7.5) + 10 = 18 tokens with EOS
-    assert long_enough(torch.arange(16)[None], torch.zeros(1, 30))[0].argmax().item() != eos
-    assert long_enough(torch.arange(17)[None], torch.zeros(1, 30))[0].argmax().item() == eos
-
-
 def test_silence_gives_an_empty_transcript(trained_model, train_clips):
     audios, texts = train_clips
     silence = np.zeros(16000, np.float32)
     assert trained_model.transcribe([silence, audios[0]], max_new_tokens=12) == ["", texts[0]]
 
-
-# --- learning -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 def test_overfits_one_batch(train_clips, adapter):
@@ -221,21 +169,21 @@ def test_overfits_one_batch(train_clips, adapter):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-# --- save / load --------------------------------------------------------------------------------------------
-
 def test_save_load_round_trip(trained_model, train_clips, tmp_path):
     audios, _ = train_clips
-    trained_model.generation_config.max_new_tokens = 12
+    saved = trained_model.generation_config, trained_model.decoding_bounds
+    trained_model.set_decoding(max_new_tokens=12, stop_repeats=5)
     trained_model.save_adapter(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME, GENERATION_CONFIG_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted(ADAPTER_FILES)
     from safetensors.torch import load_file
     assert set(load_file(tmp_path / WEIGHTS_NAME)) == set(trained_model.adapter.state_dict())
     loaded = SlamASR.load_adapter(tmp_path)  # backbones rebuilt by name ("tiny")
     for a, b in zip(loaded.adapter.parameters(), trained_model.adapter.parameters()):
         assert torch.equal(a, b)
     assert loaded.generation_config.max_new_tokens == 12  # the decoding options travel with the adapter
+    assert loaded.decoding_bounds == DecodingBounds(stop_repeats=5)
     assert loaded.transcribe(audios) == trained_model.transcribe(audios)
-    trained_model.generation_config.max_new_tokens = 200
+    trained_model.generation_config, trained_model.decoding_bounds = saved
 
 
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
@@ -314,3 +262,104 @@ def test_state_dict_may_leave_out_only_frozen_weights():
         target.load_state_dict(missing)
     with pytest.raises(RuntimeError, match="Unexpected key.*adapter.extra"):
         target.load_state_dict({**trainable, "adapter.extra": torch.zeros(1)})
+
+
+def test_half_precision_backbones_keep_the_loss(train_set):
+    full = make_model()
+    half = make_model()
+    half.encoder.to(torch.bfloat16)
+    half.llm.to(torch.bfloat16)
+    assert half.adapter.proj[0].weight.dtype == torch.float32  # master weights stay float32
+    audios = [train_set[i].audio for i in range(4)]
+    texts = [train_set[i].text for i in range(4)]
+    inputs = (*full.processor.audio(audios), full.processor.labels(texts)[0])
+    with torch.no_grad():
+        reference = full(*inputs).loss  # float32 throughout
+        torch.testing.assert_close(half(*inputs).loss, reference, rtol=3e-2, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what --bf16 adds on a CPU (Trainer's autocast)
+            autocast_loss = half(*inputs).loss
+        torch.testing.assert_close(autocast_loss.float(), reference, rtol=3e-2, atol=0)
+
+
+def test_compiled_llm_body_keeps_the_loss_and_gradients(train_set):
+    # what bench.py --compile does: torch.compile the LLM body, shapes dynamic (every batch differs)
+    model = make_model()
+    batch = SpeechCollator(model.processor)([train_set[i] for i in range(3)])
+    inputs = (batch["input_values"], batch["audio_lengths"], batch["labels"])
+    model.train()
+
+    def loss_and_grad():
+        model.adapter.zero_grad()
+        loss = model(*inputs).loss
+        loss.backward()
+        return loss.detach(), model.adapter.proj[0].weight.grad.clone()
+
+    eager = loss_and_grad()
+    model.llm.model = torch.compile(model.llm.model, dynamic=True)
+    compiled = loss_and_grad()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-5)
+
+
+def test_eager_attention_keeps_the_loss_and_padded_batches(train_set, tmp_path):
+    # --attn_implementation eager (faster than sdpa on a CPU): both backbones take it, loaded by path or built
+    # tiny; the loss is sdpa's, and a padded batch still gives each clip's own loss and gradients
+    from conftest import assert_padded_batch_matches_singles
+
+    from backbones import load_backbones, tiny_backbones
+    from model import SlamASR, SlamASRConfig
+    encoder, llm, tokenizer, feature_extractor = tiny_backbones(0)
+    for folder, parts in (("encoder", (encoder, feature_extractor)), ("llm", (llm, tokenizer))):
+        for part in parts:
+            part.save_pretrained(tmp_path / folder)
+    config = SlamASRConfig(encoder=str(tmp_path / "encoder"), llm=str(tmp_path / "llm"), adapter_hidden=256)
+    models = {}
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        models[attention] = SlamASR.from_config(config, attn_implementation=attention)
+        assert models[attention].encoder.config._attn_implementation == attention
+        assert models[attention].llm.config._attn_implementation == attention
+    built = load_backbones(SlamASRConfig(encoder="tiny", llm="tiny"), attn_implementation="eager")
+    assert built[0].config._attn_implementation == built[1].config._attn_implementation == "eager"
+    import finetune  # and finetune.py passes the flag on
+    trained = finetune.load_model(*finetune.arguments(["--encoder", "tiny", "--llm", "tiny", "--train_manifest",
+                                                         "m.jsonl", "--attn_implementation", "eager"]))
+    assert trained.encoder.config._attn_implementation == trained.llm.config._attn_implementation == "eager"
+    audios = [train_set[i].audio for i in range(3)]
+    texts = [train_set[i].text for i in range(3)]
+    with torch.no_grad():
+        losses = {name: model.loss(audios, texts) for name, model in models.items()}
+    torch.testing.assert_close(losses["eager"], losses["sdpa"], rtol=1e-5, atol=1e-6)
+    assert_padded_batch_matches_singles(models["eager"], audios, texts)
+
+
+def hub_cache_with(tmp_path, repo_id, folder):
+    """`folder`'s files in a cache laid out as huggingface_hub lays it out: blobs named by hash, a snapshot of
+    symlinks to them per commit, refs/main naming that commit."""
+    import hashlib
+
+    repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for path in sorted(folder.iterdir()):
+        blob = hashlib.sha256(path.read_bytes()).hexdigest()
+        (repo / "blobs" / blob).write_bytes(path.read_bytes())
+        (repo / "snapshots" / commit / path.name).symlink_to(f"../../blobs/{blob}")
+    return tmp_path / "hub"
+
+
+def test_an_adapter_loads_by_hub_repo_id_from_the_cache_offline(trained_model, train_clips, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    trained_model.save_adapter(tmp_path / "adapter")
+    cache = hub_cache_with(tmp_path, "someone/slam-asr-tiny", tmp_path / "adapter")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # tests never touch the network: served from the cache
+    loaded = SlamASR.load_adapter("someone/slam-asr-tiny")
+    audios, _ = train_clips
+    assert loaded.transcribe(audios[:3], max_new_tokens=12) == trained_model.transcribe(audios[:3], max_new_tokens=12)
+    with pytest.raises(OSError, match="someone/not-there.*could not be fetched"):
+        SlamASR.load_adapter("someone/not-there")

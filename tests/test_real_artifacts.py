@@ -1,21 +1,21 @@
 """What only the real artifacts show: the real Llama-2 tokenizer (TinyLlama's vocabulary, tests/fixtures/
 llama2-tokenizer), backbone folders saved the way the hub stores them (TinyLlama in bfloat16) and loaded by
 path, and mixed precision (bf16 autocast, fp16 with a grad scaler, DeepSpeed in bf16) on the CPU."""
-
 import json
 import logging
 import os
 
 import pytest
 import torch
-from conftest import FIXTURE, ROOT, read_split
-from test_finetune import adapter_weights, run_script, tiny_args
+from conftest import FIXTURE, ROOT, adapter_weights, read_split, run_script, tiny_args
 
 import finetune
 from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig
 from processor import PROMPT_IDS_NAME, SlamASRProcessor
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
+
+
 TEXT = "he hoped there would be stew for dinner"
 
 
@@ -30,7 +30,13 @@ def backbone_dirs(tmp_path_factory, tokenizer):
     """(encoder folder, LLM folder) as the hub has them: a HuBERT with hubert-large's structure (layer-norm
     front end, stable layer norm, an attention mask) and its feature extractor; a Llama with TinyLlama's
     32000-piece vocabulary saved in bfloat16, with the real tokenizer."""
-    from transformers import (HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, Wav2Vec2FeatureExtractor)
+    from transformers import (
+        HubertConfig,
+        HubertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Wav2Vec2FeatureExtractor,
+    )
 
     root = tmp_path_factory.mktemp("backbones")
     torch.manual_seed(0)
@@ -56,8 +62,6 @@ def real_config(backbone_dirs, **overrides):
     return SlamASRConfig(encoder=encoder, llm=llm, adapter_hidden=64, **overrides)
 
 
-# --- 1. the dtype asked for, whatever the checkpoint's ---------------------------------------------------------
-
 def test_backbones_run_in_the_dtype_asked_for_not_the_checkpoints(backbone_dirs, caplog):
     with caplog.at_level(logging.INFO, logger="backbones"):
         model = SlamASR.from_config(real_config(backbone_dirs))
@@ -67,8 +71,6 @@ def test_backbones_run_in_the_dtype_asked_for_not_the_checkpoints(backbone_dirs,
     half = SlamASR.from_config(real_config(backbone_dirs), torch_dtype=torch.bfloat16)
     assert {p.dtype for p in half.llm.parameters()} == {p.dtype for p in half.encoder.parameters()} == {torch.bfloat16}
 
-
-# --- 3, 4. the ids the LLM trains on are the ids of the rendered conversation ------------------------------------
 
 def test_training_sequence_is_the_tokenizers_own_encoding_of_the_conversation(backbone_dirs, tokenizer):
     model = SlamASR.from_config(real_config(backbone_dirs))
@@ -121,8 +123,6 @@ def test_special_tokens_written_in_a_transcript_are_refused(tokenizer):
         processor.labels(["the end </s> of it"])
 
 
-# --- 5. the prompt ids travel with the adapter -------------------------------------------------------------------
-
 def test_prompt_ids_are_saved_with_the_adapter_and_used_at_inference(backbone_dirs, tmp_path, caplog):
     model = SlamASR.from_config(real_config(backbone_dirs))
     model.save_adapter(tmp_path)
@@ -140,8 +140,6 @@ def test_prompt_ids_are_saved_with_the_adapter_and_used_at_inference(backbone_di
     with pytest.raises(ValueError, match="another prompt template"):
         SlamASR.load_adapter(tmp_path)
 
-
-# --- 2. the adapter in half precision (DeepSpeed casts the whole module) -----------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_adapter_takes_float32_frames(backbone_dirs, dtype):
@@ -170,8 +168,6 @@ def test_deepspeed_zero2_trains_and_evaluates_in_bf16(tmp_path):
     assert {w.dtype for w in adapter_weights(out).values()} == {torch.float32}
 
 
-# --- a whole run through the real loading path -----------------------------------------------------------------
-
 def test_finetune_and_transcribe_with_hub_saved_backbones(backbone_dirs, tmp_path, caplog):
     import transcribe
 
@@ -188,8 +184,6 @@ def test_finetune_and_transcribe_with_hub_saved_backbones(backbone_dirs, tmp_pat
     assert model.prefix_ids.tolist() == json.loads((out / PROMPT_IDS_NAME).read_text())["prefix"]
     assert os.path.isfile(out / "checkpoint-2" / PROMPT_IDS_NAME)
 
-
-# --- 6. mixed precision: NaN counted and stopped on in fp16 too ------------------------------------------------
 
 @pytest.fixture
 def cpu_grad_scaler(monkeypatch):

@@ -1,13 +1,41 @@
-"""Other LLMs than TinyLlama: the prompt from each tokenizer's own chat template."""
+"""The prompt, labels and the batch (processor.py)."""
 
 import pytest
 import torch
-from conftest import ROOT, overfit, read_split
+from conftest import ROOT, make_model, overfit, read_split, tiny_processor
 
 from model import DEFAULT_PROMPT_TEMPLATE, SlamASR, SlamASRConfig
 from processor import chat_prompt_template
 
-# Qwen2's ChatML chat template, without its tool-calling branches
+
+def test_labels_cover_transcript_and_eos_only(train_clips):
+    audios, texts = train_clips
+    model = make_model()
+    tok = model.tokenizer
+    batch_texts = ["the ship", "a much longer transcript than the first one"]
+    input_values, audio_lengths = model.processor.audio(audios[:2])
+    labels, _ = model.processor.labels(batch_texts)
+    frames, frame_lengths = model.encode(input_values, audio_lengths)
+    embeds, speech_lengths = model.adapt(frames, frame_lengths)
+    _, attention_mask, targets = model.splice(embeds, speech_lengths, labels)
+    P, Q = len(model.prefix_ids), len(model.suffix_ids)
+    for i, text in enumerate(batch_texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        start = P + speech_lengths[i].item() + Q
+        assert targets[i, start:start + len(ids)].tolist() == ids
+        assert (targets[i, :start] == -100).all() and (targets[i, start + len(ids):] == -100).all()
+        assert attention_mask[i].sum().item() == start + len(ids)  # padding is masked and never a target
+    assert (targets[attention_mask == 0] == -100).all()
+
+
+def test_truncation_keeps_eos():
+    processor = tiny_processor()
+    tok = processor.tokenizer
+    labels, truncated = processor.labels(["the ship sailed at dawn", "a"], max_target_tokens=3)
+    assert truncated == 1
+    assert labels.shape[1] == 3 and labels[0, -1].item() == tok.eos_token_id
+
+
 QWEN2_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
     "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -71,37 +99,3 @@ def test_an_llm_without_a_chat_template_needs_a_prompt_template(qwen2_dir):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template.*--prompt_template"):
         chat_prompt_template(tokenizer)
-
-
-# --- the hub ----------------------------------------------------------------------------------------------------
-
-def hub_cache_with(tmp_path, repo_id, folder):
-    """`folder`'s files in a cache laid out as huggingface_hub lays it out: blobs named by hash, a snapshot of
-    symlinks to them per commit, refs/main naming that commit."""
-    import hashlib
-
-    repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for path in sorted(folder.iterdir()):
-        blob = hashlib.sha256(path.read_bytes()).hexdigest()
-        (repo / "blobs" / blob).write_bytes(path.read_bytes())
-        (repo / "snapshots" / commit / path.name).symlink_to(f"../../blobs/{blob}")
-    return tmp_path / "hub"
-
-
-def test_an_adapter_loads_by_hub_repo_id_from_the_cache_offline(trained_model, train_clips, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    trained_model.save_adapter(tmp_path / "adapter")
-    cache = hub_cache_with(tmp_path, "someone/slam-asr-tiny", tmp_path / "adapter")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    assert huggingface_hub.constants.HF_HUB_OFFLINE  # tests never touch the network: served from the cache
-    loaded = SlamASR.load_adapter("someone/slam-asr-tiny")
-    audios, _ = train_clips
-    assert loaded.transcribe(audios[:3], max_new_tokens=12) == trained_model.transcribe(audios[:3], max_new_tokens=12)
-    with pytest.raises(OSError, match="someone/not-there.*could not be fetched"):
-        SlamASR.load_adapter("someone/not-there")

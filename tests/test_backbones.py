@@ -1,7 +1,6 @@
 """Any HF speech encoder: wav2vec2, WavLM and data2vec-audio (AutoModel, layer-norm front end with an attention
 mask, as their large checkpoints are) and Whisper's encoder (from a whole Whisper checkpoint), each saved to a
 folder the way the hub stores it and loaded by path. HuBERT, the default, is covered by test_model.py."""
-
 import json
 import math
 
@@ -14,7 +13,8 @@ from backbones import encoder_kind
 from model import SlamASR, SlamASRConfig
 
 KINDS = ["wav2vec2", "wavlm", "data2vec-audio", "whisper"]
-# a tiny transformer on top of each front end; the conv front ends keep their real strides (50 Hz)
+
+
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
 
@@ -65,8 +65,6 @@ def clips():
     return audios[:4], texts[:4]
 
 
-# --- loading -------------------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_loads_by_path_with_its_own_input_and_50_hz(encoder_dirs, kind):
     model = model_for(encoder_dirs, kind)
@@ -105,8 +103,6 @@ def test_a_whisper_feature_extractor_of_another_window_is_refused(encoder_dirs):
     with pytest.raises(ValueError, match="makes 1000 mel frames a window, its encoder takes exactly 3000"):
         encoder_kind(encoder, WhisperFeatureExtractor(feature_size=80, chunk_length=10))
 
-
-# --- Whisper's window, frames and cost --------------------------------------------------------------------------
 
 def test_whisper_frames_are_each_clips_own(encoder_dirs, clips):
     model = model_for(encoder_dirs, "whisper")
@@ -153,8 +149,6 @@ def test_silence_is_found_in_either_input(encoder_dirs, clips, kind):
     assert model.transcribe([np.zeros(16000, np.float32)], max_new_tokens=4) == [""]
 
 
-# --- each kind end to end ---------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_padded_batch_matches_singles(encoder_dirs, clips, kind):
     audios, texts = clips
@@ -189,9 +183,10 @@ def test_trains_saves_loads_and_transcribes(encoder_dirs, clips, kind, tmp_path)
 def test_whisper_through_finetune_with_the_feature_cache_and_transcribe(encoder_dirs, tmp_path, capsys):
     """The product path with Whisper's input_features: the collator's batch through the Trainer, the feature
     cache filled with each clip's own frames, then transcribe.py on the saved adapter."""
+    from test_finetune import tiny_args
+
     import finetune
     import transcribe
-    from test_finetune import tiny_args
 
     out = tmp_path / "out"
     args = tiny_args(out, "--max_eval_samples", "2", "--eval_steps", "2", "--adapter_hidden", "64",

@@ -1,0 +1,190 @@
+"""
+The run's folder on disk: the lock that keeps a second run out of output_dir, which checkpoints are complete
+and intact, how old ones are rotated, and what to resume from. The Trainer (trainer.py) writes the checkpoint
+files; this module decides which ones count.
+"""
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import zipfile
+from dataclasses import fields
+from glob import glob
+
+from safetensors import SafetensorError, safe_open
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from model import CONFIG_NAME, WEIGHTS_NAME, SlamASRConfig
+from processor import write_text_atomic
+
+logger = logging.getLogger("finetune")
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is a torn write
+LOCK_NAME = ".finetune.lock"  # in output_dir, held by the run writing there
+
+
+def checkpoint_is_complete(path):
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
+
+
+def clear_stale_checkpoint(path, should_save=True):
+    """A checkpoint-N about to be written where a run that went past this step left one (this run resumed from
+    before it) is removed first: its marker would vouch for a mix of its files and ours if we were killed
+    halfway through writing."""
+    if should_save and os.path.isdir(path):
+        logger.warning(f"replacing {path}, written by an earlier run that went past this step")
+        shutil.rmtree(path)
+
+
+def mark_complete(path, global_step):
+    write_text_atomic(os.path.join(path, COMPLETE_MARKER), json.dumps({"global_step": global_step}))
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir, holder=True):
+    """An exclusive lock on output_dir for the run's life: a second run into it fails at once instead of mixing
+    its checkpoints with ours. Held by the process that writes checkpoints (`holder`; rank 0, or each node's
+    first process with --save_on_each_node). fcntl.flock rather than the filelock package: the kernel drops it
+    when the process dies, SIGKILL included, where filelock's fallback soft lock would stay behind stale."""
+    if not holder:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, LOCK_NAME), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(f"{output_dir} is in use by another run ({f.read().strip() or 'holder unknown'}): "
+                               "wait for it to end, or choose another --output_dir") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): warn, do not refuse to train
+            logger.warning(f"cannot lock {output_dir} ({e}): nothing stops a second run from writing into it")
+        else:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+        yield
+
+
+def find_checkpoints(output_dir):
+    """(complete, torn) checkpoint folders of output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return [], []
+    # checkpoint-<digits> folders only: a user's checkpoint-best or checkpoint-4.bak is none of ours
+    steps = {n: int(m.group(1)) for n in os.listdir(output_dir)
+             if (m := re.fullmatch(PREFIX_CHECKPOINT_DIR + r"-(\d+)", n))
+             and os.path.isdir(os.path.join(output_dir, n))}
+    paths = [os.path.join(output_dir, n) for n in sorted(steps, key=steps.get)]
+    return [p for p in paths if checkpoint_is_complete(p)], [p for p in paths if not checkpoint_is_complete(p)]
+
+
+def checkpoint_problem(path):
+    """Why a complete checkpoint cannot be resumed from (a file missing, truncated or unparsable), or None.
+    Trainer resumes with a fresh optimizer and the LR at its peak when optimizer.pt or scheduler.pt is missing,
+    so they are required. Reads no pickle: a torch.save file is a zip archive whose checksums give away a
+    truncated or damaged file."""
+    if os.path.isfile(os.path.join(path, "latest")):  # DeepSpeed: its engine files hold the optimizer state
+        with open(os.path.join(path, "latest")) as f:
+            tag = f.read().strip()
+        required = [os.path.join(tag, "mp_rank_00_model_states.pt")]
+        if not glob(os.path.join(path, tag, "*optim_states.pt")):
+            return f"{tag}/ holds no DeepSpeed optimizer states (*optim_states.pt)"
+    else:
+        required = [OPTIMIZER_NAME, SCHEDULER_NAME]
+    for name in (WEIGHTS_NAME, CONFIG_NAME, TRAINER_STATE_NAME, *required):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        with safe_open(os.path.join(path, WEIGHTS_NAME), "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        return f"{WEIGHTS_NAME} is unreadable ({e})"
+    try:
+        SlamASRConfig.from_json_file(os.path.join(path, CONFIG_NAME))
+    except ValueError as e:  # the message names the file
+        return str(e)
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+    except ValueError as e:
+        return f"{TRAINER_STATE_NAME} is not valid JSON ({e})"
+    for file in sorted(glob(os.path.join(path, "**", "*.pt*"), recursive=True)):
+        name = os.path.relpath(file, path)
+        try:
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{name} is truncated or not a torch.save file ({e})"
+        if damaged:
+            return f"{name} is damaged ({damaged} fails its checksum)"
+    return None
+
+
+def rotate_checkpoints(run_dir, limit, keep, best=None):
+    """Trainer's rotation, but only once the new checkpoint is complete (a kill in between must not leave
+    nothing to resume from) and only over our complete checkpoint-<N> folders, oldest step first; `keep`
+    (the one just saved) and `best` (the best model's) are never deleted."""
+    if not limit:
+        return
+    complete, _ = find_checkpoints(run_dir)
+    protected = {os.path.abspath(p) for p in (keep, best) if p}
+    deletable = [p for p in complete if os.path.abspath(p) not in protected]
+    for path in deletable[:max(len(complete) - max(limit, len(protected)), 0)]:
+        logger.info(f"deleting {path} (--save_total_limit {limit})")
+        shutil.rmtree(path)
+
+
+def config_differences(saved, current):
+    """'field: checkpoint X, this run Y' for each SlamASRConfig field that differs. A field this run has left
+    None is filled in when the backbones load, so there is nothing to compare yet."""
+    return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, this run {getattr(current, f.name)!r}"
+            for f in fields(SlamASRConfig)
+            if getattr(current, f.name) is not None and getattr(saved, f.name) != getattr(current, f.name)]
+
+
+def resolve_resume(training_args, config):
+    """--resume_from_checkpoint PATH or `last` (the newest intact checkpoint); refuses torn or broken
+    checkpoints, silently mixed runs, and a checkpoint of another model config than `config`."""
+    complete, torn = find_checkpoints(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        if complete:
+            raise ValueError(f"{training_args.output_dir} already holds {os.path.basename(complete[-1])}: pass "
+                             "--resume_from_checkpoint last to continue that run, or choose another --output_dir")
+        return None
+    if resume in ("last", "true", "True"):
+        if not complete:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {training_args.output_dir}")
+        skipped = []
+        for path in reversed(complete):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                break
+            logger.warning(f"--resume_from_checkpoint {resume}: skipping {path}: {problem}")
+            skipped.append(f"{os.path.basename(path)}: {problem}")
+        else:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no intact checkpoint in {training_args.output_dir} "
+                             f"({'; '.join(skipped)})")
+        resume = path
+    elif not checkpoint_is_complete(resume):
+        raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_MARKER}: the run was killed while "
+                         "saving it, or it is not a checkpoint folder); resume from an earlier one")
+    elif problem := checkpoint_problem(resume):
+        raise ValueError(f"cannot resume from {resume}: {problem}; resume from an earlier checkpoint (`last` "
+                         "takes the newest intact one)")
+    differences = config_differences(SlamASRConfig.from_json_file(os.path.join(resume, CONFIG_NAME)), config)
+    if differences:
+        raise ValueError(f"{resume} was trained with another model config than this run's: "
+                         + "; ".join(differences) + ". Pass the checkpoint's values (the same command as its run), "
+                         "or start a new --output_dir")
+    if torn and training_args.should_save:
+        for path in torn:  # half-written by a killed run; left in place they would be rotated in as if good
+            logger.warning(f"removing incomplete checkpoint {path}")
+            shutil.rmtree(path)
+    return resume

@@ -1,0 +1,255 @@
+"""
+Datasets: records (corpus.py) to samples, read as training asks for them; a clip that fails to load is
+replaced by the next good one and counted, so a long run never dies on one bad file (`strict_data=True` makes
+it an immediate error). A hub dataset can also be streamed, each clip decoded and filtered as it arrives. And
+the frozen encoder's feature cache: its output computed once and trained from every epoch.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from audio import SAMPLE_RATE, DataError, read_audio
+from batching import fill_batches
+from corpus import ClipFilter
+
+logger = logging.getLogger(__name__)
+MAX_REPLACEMENTS = 16  # consecutive bad clips tolerated while loading before the data is declared broken
+
+
+@dataclass
+class Sample:
+    """One training or evaluation clip as the collator takes it: its audio, or its cached encoder frames."""
+
+    id: str
+    text: str
+    audio: np.ndarray | None = None  # (samples,) float32 at the encoder's rate
+    frames: torch.Tensor | None = None  # (T, d_enc) half precision, from the feature cache
+    skipped: list = field(default_factory=list)  # (id, reason) of the bad clips this one replaced
+    filtered: dict = field(default_factory=dict)  # a stream's: reason -> clips its filter dropped before this one
+
+
+def skip_bad_clip(clip_id, error, skipped, strict_data=False):
+    """A clip that failed to load: an error under --strict_data, otherwise a warning and an entry in
+    `skipped`, which travels with the sample so that the trainer counts it."""
+    if strict_data:
+        raise DataError(f"{clip_id}: {error} (--strict_data is on)") from None
+    logger.warning(f"skipping {clip_id}: {error}")
+    skipped.append((clip_id, str(error)))
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Records -> Samples with their audio. `durations` is what the length-grouped samplers and the run summary
+    read; `hub_dataset` holds the audio of records that are hub rows."""
+
+    def __init__(self, records, sampling_rate=SAMPLE_RATE, hub_dataset=None, strict_data=False):
+        self.records = records
+        self.sampling_rate = sampling_rate
+        self.hub_dataset = hub_dataset
+        self.strict_data = strict_data
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def durations(self):
+        return [r.duration for r in self.records]
+
+    def load(self, record):
+        """The record's audio, 1-D float32 at the sampling rate; DataError when it cannot be read."""
+        if record.row is not None:
+            audio = self.hub_dataset[record.row]["audio"]
+            return read_audio(audio["bytes"] or audio["path"], self.sampling_rate)
+        return read_audio(record.path, self.sampling_rate)
+
+    def __getitem__(self, index):
+        skipped = []
+        for attempt in range(MAX_REPLACEMENTS):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                audio = self.load(record)
+            except DataError as e:
+                skip_bad_clip(record.id, e, skipped, self.strict_data)
+                continue
+            return Sample(id=record.id, text=record.text, audio=audio, skipped=skipped)
+        raise DataError(f"{MAX_REPLACEMENTS} consecutive clips failed to load, the last: {skipped[-1][1]}. "
+                        "The data is broken beyond skipping; check the paths and files.")
+
+
+class StreamingSpeechDataset(torch.utils.data.IterableDataset):
+    """Samples from a streaming hub dataset (`datasets.IterableDataset`, audio undecoded), decoded and passed
+    through the ClipFilter as they arrive. Nothing is indexed up front, so there is no length: the run's length
+    is --max_steps.
+
+    Each rank reads its own part of the stream: whole shard files when they divide evenly over the ranks,
+    otherwise every world-th clip (undecoded bytes are cheap to pass over). DataLoader workers split that part
+    by shard file. The stream restarts, reshuffled, whenever this rank's part ends, so that ranks whose parts
+    differ in length still take the same number of steps (a rank that ran dry would hang the others)."""
+
+    def __init__(self, stream, rank=0, world=1, seed=0, shuffle_buffer=1000, clip_filter=ClipFilter(),
+                 strict_data=False, sampling_rate=SAMPLE_RATE):
+        from datasets.distributed import split_dataset_by_node
+
+        if shuffle_buffer > 0:  # the same seed on every rank: they must agree on the shard order to split it
+            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.stream = split_dataset_by_node(stream, rank, world) if world > 1 else stream
+        self.shards_per_rank = stream.num_shards // world if stream.num_shards % world == 0 else stream.num_shards
+        self.clip_filter = clip_filter
+        self.strict_data = strict_data
+        self.sampling_rate = sampling_rate
+
+    def __iter__(self):
+        epoch = 0
+        skipped, filtered = [], Counter()
+        while True:
+            self.stream.set_epoch(epoch)  # a new shard order and shuffle for each pass
+            seen = kept = 0
+            for row in self.stream:
+                seen += 1
+                audio = row["audio"]
+                try:
+                    samples = read_audio(audio.get("bytes") or audio["path"], self.sampling_rate)
+                except DataError as e:
+                    skip_bad_clip(row["id"], e, skipped, self.strict_data)
+                    continue
+                text, reason = self.clip_filter(row["text"], len(samples) / self.sampling_rate)
+                if reason:
+                    if self.strict_data:
+                        raise DataError(f"{row['id']}: {reason} (--strict_data is on)")
+                    filtered[reason] += 1
+                    continue
+                yield Sample(id=row["id"], text=text, audio=samples, skipped=skipped, filtered=dict(filtered))
+                skipped, filtered = [], Counter()
+                kept += 1
+            if seen == 0:
+                return  # a DataLoader worker left without shard files: the other workers carry the stream
+            if kept == 0:
+                raise DataError(f"a whole pass over the stream gave no usable clip ({seen} read; dropped: "
+                                f"{dict(filtered)}, unreadable: {len(skipped)}): check the split and the filters")
+            epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frozen-encoder feature cache: the encoder never changes, so its output is computed once and read back
+
+
+class FeatureCache:
+    """Encoder outputs per clip in half precision, in safetensors shards under a folder named by a hash of
+    (encoder, sample rate, hidden size, dtypes): a cache made by another encoder or setting is never read.
+    Entries are named by the audio's identity (`entry_name`), never by utterance id: two manifests' `clip0.flac`
+    are two entries, a rewritten file is encoded again, and two ids of one file share one entry.
+    Each rank writes its own shards and then its index; a shard missing from an index is recomputed."""
+
+    SHARD_BYTES = 512 * 2**20
+
+    def __init__(self, root, encoder_name, sampling_rate, hidden_size, encoder_dtype, dtype=torch.float16):
+        # the encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other features
+        self.key = dict(encoder=encoder_name, sampling_rate=sampling_rate, hidden_size=hidden_size,
+                        encoder_dtype=str(encoder_dtype).replace("torch.", ""),
+                        dtype=str(dtype).replace("torch.", ""),
+                        entries="audio identity")  # caches whose entries were named by utterance id are not read
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = Path(root) / f"{Path(encoder_name).name}-{digest}"
+        self.dtype = dtype
+        self.index = {}  # entry name -> shard file name
+        self._readers = {}
+
+    def load_index(self):
+        self.index = {}
+        for path in sorted(self.dir.glob("index-rank*.json")):
+            shards = json.loads(path.read_text())
+            for shard, names in shards.items():
+                if (self.dir / shard).is_file():
+                    self.index.update({name: shard for name in names})
+        return self
+
+    @staticmethod
+    def entry_name(record):
+        """A record's entry: a hash of its identity (a short, fixed-length safetensors tensor name)."""
+        return hashlib.sha1(record.identity.encode()).hexdigest()[:24]
+
+    def __contains__(self, record):
+        return self.entry_name(record) in self.index
+
+    def size_bytes(self):
+        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors"))
+
+    def fill(self, encode, dataset, rank=0, world=1, batch_size=8, batched=True, batch_seconds=None,
+             max_padding=0.0):
+        """Encodes this rank's share of `dataset` records that the cache lacks. `encode(list of audio) ->
+        list of (T, D) tensors`. Batches as `fill_batches` cuts them: clips of similar duration, at most
+        `batch_size` clips and `batch_seconds` padded audio seconds; `batched=False` (an encoder that takes no
+        attention mask, whose output padding changes) batches only clips within `max_padding` (a fraction) of
+        the batch's longest. Returns [(id, reason)] of clips that could not be read."""
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "key.json").write_text(json.dumps(self.key, indent=2))
+        self.load_index()
+        index_path = self.dir / f"index-rank{rank}.json"
+        shards = json.loads(index_path.read_text()) if index_path.exists() else {}
+        # one record per audio: ids naming the same file share its entry
+        todo = list({self.entry_name(r): r for r in dataset.records[rank::world] if r not in self}.values())
+        todo.sort(key=lambda r: r.duration)  # similar lengths per batch: less padding
+        failed, pending, pending_bytes = [], {}, 0
+
+        def flush():
+            nonlocal pending, pending_bytes
+            if pending:
+                name = f"rank{rank}-{len(shards):05d}.safetensors"
+                save_file(pending, str(self.dir / (name + ".tmp")))
+                os.replace(self.dir / (name + ".tmp"), self.dir / name)
+                shards[name] = list(pending)
+                index_path.with_suffix(".tmp").write_text(json.dumps(shards))
+                os.replace(index_path.with_suffix(".tmp"), index_path)  # the index names only finished shards
+            pending, pending_bytes = {}, 0
+
+        groups = fill_batches([r.duration for r in todo], batch_size, batch_seconds, None if batched else max_padding)
+        with tqdm(total=len(todo), desc=f"caching encoder features (rank {rank})", unit="clip",
+                  disable=rank != 0 or not todo) as bar:
+            for indices in groups:
+                batch, audios = [], []
+                for record in (todo[i] for i in indices):
+                    try:
+                        audios.append(dataset.load(record))
+                        batch.append(record)
+                    except DataError as e:
+                        failed.append((record.id, str(e)))
+                for record, frames in zip(batch, encode(audios) if audios else []):
+                    name = self.entry_name(record)
+                    pending[name] = frames.to(self.dtype).cpu().contiguous()
+                    pending_bytes += pending[name].numel() * 2
+                if pending_bytes > self.SHARD_BYTES:
+                    flush()
+                bar.update(len(indices))
+        flush()
+        return failed
+
+    def read(self, record):
+        from safetensors import safe_open
+
+        name = self.entry_name(record)
+        shard = self.index[name]
+        if shard not in self._readers:  # memory-mapped; opened lazily, per DataLoader worker
+            self._readers[shard] = safe_open(str(self.dir / shard), framework="pt")
+        return self._readers[shard].get_tensor(name)
+
+
+class CachedFeatureDataset(SpeechDataset):
+    """Samples with cached encoder frames instead of audio, from a filled FeatureCache."""
+
+    def __init__(self, dataset, cache):
+        super().__init__([r for r in dataset.records if r in cache], dataset.sampling_rate)
+        self.cache = cache
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        return Sample(id=record.id, text=record.text, frames=self.cache.read(record))

@@ -1,0 +1,167 @@
+"""The lock, complete checkpoints, rotation, resume (checkpoints.py)."""
+import os
+import shutil
+import sys
+import time
+
+import pytest
+import torch
+from conftest import NO_EVAL, run_script, tiny_args
+
+import finetune
+import trainer
+from checkpoints import COMPLETE_MARKER, find_checkpoints, resolve_resume
+from model import WEIGHTS_NAME
+from trainer import SlamASRTrainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An output_dir with complete checkpoint-4 and checkpoint-8; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5", steps=8)) == 0
+    return out
+
+
+def copy_of(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def killed_at_step(monkeypatch, name, step):
+    """Makes trainer.<name> (a SlamASRTrainer method, or a module function) raise at `step`, as a kill would."""
+    owner = SlamASRTrainer if hasattr(SlamASRTrainer, name) else trainer
+    original = getattr(owner, name)
+
+    def killed(*args, **kwargs):
+        trainer_step = args[0].state.global_step if owner is SlamASRTrainer else args[1]
+        if trainer_step == step:
+            raise KeyboardInterrupt(f"killed in {name} at step {step}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, killed)
+
+
+def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_frees_it(tmp_path):
+    out = tmp_path / "out"
+    holder = run_script([sys.executable, "-c", "import sys, time\nfrom checkpoints import hold_output_dir\n"
+                         "with hold_output_dir(sys.argv[1]):\n"
+                         "    print('held', flush=True)\n"
+                         "    time.sleep(300)", str(out)])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=f"{out} is in use by another run \\(pid {holder.pid} on "):
+            finetune.main(tiny_args(out, *NO_EVAL, steps=2))
+    finally:
+        holder.kill()  # SIGKILL: no cleanup of its own, the kernel drops the lock
+        holder.wait()
+    assert finetune.main(tiny_args(out, *NO_EVAL, steps=2)) == 0
+
+
+def test_a_checkpoint_saved_again_loses_its_old_completion_marker_first(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
+    # resumed from checkpoint-4, killed while checkpoint-8 is written again: new adapter, old optimizer
+    killed_at_step(monkeypatch, "_save_optimizer_and_scheduler", 8)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5",
+                                "--resume_from_checkpoint", str(out / "checkpoint-4"), steps=8))
+    complete, torn = find_checkpoints(str(out))
+    assert complete == [str(out / "checkpoint-4")] and torn == [str(out / "checkpoint-8")]
+
+
+def test_rotation_waits_for_the_new_checkpoint_to_be_complete(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    killed_at_step(monkeypatch, "mark_complete", 4)  # between Trainer's save and our completion marker
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(tiny_args(out, *NO_EVAL, "--save_steps", "2", "--save_total_limit", "1", steps=4))
+    complete, _ = find_checkpoints(str(out))
+    assert complete == [str(out / "checkpoint-2")]  # still there to resume from
+
+
+def test_rotation_leaves_folders_that_are_not_our_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    yours = [out / "checkpoint-2.bak", out / "checkpoint-best", out / "checkpoint-x-2"]
+    for path in yours:
+        path.mkdir(parents=True)
+        (path / "notes.txt").write_text("mine")
+        os.utime(path, (time.time() - 3600,) * 2)  # oldest of all, were rotation to go by mtime
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--save_steps", "2", "--save_total_limit", "1", steps=4)) == 0
+    assert all((path / "notes.txt").read_text() == "mine" for path in yours)
+    assert find_checkpoints(str(out)) == ([str(out / "checkpoint-4")], [])
+
+
+def resume_args(out, resume, *extra):
+    return finetune.arguments(tiny_args(out, *NO_EVAL, "--resume_from_checkpoint", str(resume), *extra, steps=12))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+    (lambda c: truncate(c / "scheduler.pt"), "scheduler.pt is truncated"),
+    (lambda c: truncate(c / "rng_state.pth"), "rng_state.pth is truncated"),
+    (lambda c: truncate(c / "adapter.safetensors"), "adapter.safetensors is unreadable"),
+    (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is not valid JSON"),
+    (lambda c: (c / "slam_asr_config.json").write_text("{"), "slam_asr_config.json is not valid JSON"),
+])
+def test_resume_refuses_a_broken_checkpoint_by_file_and_last_falls_back(trained, tmp_path, caplog, damage, problem):
+    out = copy_of(trained, tmp_path)
+    damage(out / "checkpoint-8")
+    config, _, _, training_args = resume_args(out, out / "checkpoint-8")
+    with pytest.raises(ValueError, match=f"cannot resume from {out / 'checkpoint-8'}: .*{problem}"):
+        resolve_resume(training_args, config)
+    _, _, _, training_args = resume_args(out, "last")
+    with caplog.at_level("WARNING"):
+        assert resolve_resume(training_args, config) == str(out / "checkpoint-4")
+    assert any(f"skipping {out / 'checkpoint-8'}: " in r.getMessage() and problem in r.getMessage()
+               for r in caplog.records)
+
+
+def test_resume_refuses_another_model_config_before_loading_anything(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
+
+    def no_backbones(*args, **kwargs):
+        raise AssertionError("backbones loaded before the config was compared")
+
+    monkeypatch.setattr(finetune.SlamASR, "from_config", no_backbones)
+    args = tiny_args(out, *NO_EVAL, "--resume_from_checkpoint", "last", "--prompt_template", "Say: <speech>",
+                     "--adapter_hidden", "128", steps=12)
+    with pytest.raises(ValueError) as refused:
+        finetune.main(args)
+    message = str(refused.value)
+    assert "checkpoint-8 was trained with another model config" in message
+    assert "adapter_hidden: checkpoint 256, this run 128" in message
+    assert "prompt_template: checkpoint '<|system|>" in message and "this run 'Say: <speech>'" in message
+    assert "encoder" not in message.split("config than this run's:")[1]  # only what differs
+
+
+def test_a_plain_resume_unpickles_nothing(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
+    loads, load = [], torch.load
+
+    def recorded(*args, **kwargs):
+        loads.append((str(args[0]), kwargs.get("weights_only")))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recorded)
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--resume_from_checkpoint", "last", steps=10)) == 0
+    assert {os.path.basename(f) for f, _ in loads} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    assert all(weights_only is True for _, weights_only in loads), loads
+
+
+def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--eval_split", "", steps=4)) == 0
+    with pytest.raises(ValueError, match="resume_from_checkpoint last"):
+        finetune.main(tiny_args(out, "--eval_split", "", steps=4))
+    torn = out / "checkpoint-6"
+    torn.mkdir()
+    (torn / WEIGHTS_NAME).write_bytes(b"half")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", str(torn), steps=8))
+    assert finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", "last", steps=8)) == 0
+    assert not torn.exists() or (torn / COMPLETE_MARKER).exists()
+    assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()

@@ -1,0 +1,204 @@
+"""Datasets, the stream and the feature cache (dataset.py)."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import (
+    FIXTURE,
+    batch_loss,
+    build_dataset,
+    hub_dataset,
+    hub_rows,
+    make_model,
+    tiny_processor,
+)
+
+from audio import DataError
+from batching import SpeechCollator, fill_batches
+from corpus import ClipFilter, DataReport, Record, read_manifest
+from dataset import (
+    CachedFeatureDataset,
+    FeatureCache,
+    SpeechDataset,
+    StreamingSpeechDataset,
+)
+
+
+@pytest.mark.parametrize("world", [2, 3])  # 4 shards: split by shard over 2 ranks, by clip over 3
+def test_stream_splits_over_ranks_and_restarts_reshuffled(world):
+    rows = hub_rows("train-clean-100")
+    stream = hub_dataset(rows).to_iterable_dataset(num_shards=4)  # (finetune tests stream parquet shards)
+    every = [r["id"] for r in rows]
+    passes = []
+    for rank in range(world):
+        part = StreamingSpeechDataset(stream, rank, world, seed=3, shuffle_buffer=4)
+        n = len(every[rank::world])
+        ids = [s.id for s in itertools.islice(part, 3 * n)]  # three passes over this rank's part
+        passes.append([ids[:n], ids[n:2 * n], ids[2 * n:]])
+    for n in range(3):  # in every pass the ranks together cover the split once, without overlap
+        assert sorted(sum((p[n] for p in passes), [])) == sorted(every)
+    assert any(p[0] != p[1] or p[1] != p[2] for p in passes)  # each pass shuffled anew
+    sample = next(iter(StreamingSpeechDataset(stream, shuffle_buffer=0)))
+    audio, _ = sf.read(rows[0]["file"], dtype="float32")
+    np.testing.assert_array_equal(sample.audio, audio)
+    assert sample.id == rows[0]["id"] and sample.text == rows[0]["text"].lower()
+
+
+def test_stream_skips_bad_clips_and_counts_what_it_filters(clip):
+    rows = hub_rows("dev-clean")
+    rows[1]["audio"] = {"bytes": b"not audio at all", "path": "broken.flac"}
+    rows[2]["text"] = "  "
+    stream = hub_dataset(rows).to_iterable_dataset(num_shards=2)
+    samples = list(itertools.islice(StreamingSpeechDataset(stream, shuffle_buffer=0), 2))
+    assert [s.id for s in samples] == [rows[0]["id"], rows[3]["id"]]
+    assert samples[0].skipped == [] and samples[0].filtered == {}
+    assert [i for i, _ in samples[1].skipped] == [rows[1]["id"]]
+    assert samples[1].filtered == {"empty transcript": 1}
+    stats = SpeechCollator(tiny_processor())(samples).stats  # what the trainer counts
+    assert stats.filtered == {"empty transcript": 1} and len(stats.skipped) == 1
+    with pytest.raises(DataError, match="cannot read audio.*strict_data"):
+        list(itertools.islice(StreamingSpeechDataset(stream, shuffle_buffer=0, strict_data=True), 2))
+    with pytest.raises(DataError, match="no usable clip"):
+        next(iter(StreamingSpeechDataset(stream, shuffle_buffer=0, clip_filter=ClipFilter(max_duration=0.1))))
+
+
+def test_bad_clip_is_replaced_and_counted(tmp_path, clip):
+    sf.write(tmp_path / "good.wav", clip, 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    records = [Record(id="broken", text="a", path=str(tmp_path / "broken.wav"), duration=1.0),
+               Record(id="gone", text="b", path=str(tmp_path / "gone.wav"), duration=1.0),
+               Record(id="good", text="c", path=str(tmp_path / "good.wav"), duration=1.0)]
+    dataset = SpeechDataset(records)
+    sample = dataset[0]
+    assert sample.id == "good"
+    assert [s[0] for s in sample.skipped] == ["broken", "gone"]
+    assert "missing audio file" in sample.skipped[1][1]
+    with pytest.raises(DataError, match="broken.wav"):
+        SpeechDataset(records, strict_data=True)[0]
+    with pytest.raises(DataError, match="consecutive"):
+        SpeechDataset(records[:2])[0]
+
+
+def cache_for(model, root, **kw):
+    return FeatureCache(root, model.config.encoder, model.sampling_rate, model.encoder.config.hidden_size,
+                        next(model.encoder.parameters()).dtype, **kw)
+
+
+def test_feature_cache_gives_the_same_loss(train_set, tmp_path):
+    model = make_model()
+    cache = cache_for(model, tmp_path)
+    assert cache.fill(model.encode_audio, train_set, batch_size=3) == []
+    cache.load_index()
+    assert set(cache.index) == {cache.entry_name(r) for r in train_set.records}
+    seconds = sum(train_set.durations)
+    # fp16 frames of the tiny encoder (64 wide, 50 Hz): 6.4 KB per second plus safetensors headers
+    assert 6000 * seconds < cache.size_bytes() < 8000 * seconds
+    cached = CachedFeatureDataset(train_set, cache)
+    collator = SpeechCollator(model.processor)
+    from_cache = collator([cached[i] for i in range(4)])
+    from_audio = collator([train_set[i] for i in range(4)])
+    assert from_cache["encoder_frames"].dtype == torch.float16
+    torch.testing.assert_close(batch_loss(model, from_cache), batch_loss(model, from_audio), rtol=1e-3, atol=1e-3)
+
+
+def test_feature_cache_is_keyed_and_resumable(train_set, tmp_path):
+    model = make_model()
+    cache = cache_for(model, tmp_path)
+    cache.SHARD_BYTES = 1  # one shard per batch, so that a kill can fall between shards
+    cache.fill(model.encode_audio, train_set, batch_size=4)
+    other = FeatureCache(tmp_path, "tiny", 16000, 64, torch.bfloat16)  # another encoder dtype
+    assert other.dir != cache.dir and not other.load_index().index
+    # a shard whose index entry was never written (killed mid-fill) is not trusted: its clips are redone
+    shard = sorted(cache.dir.glob("rank0-*.safetensors"))[-1]
+    index = cache.dir / "index-rank0.json"
+    entries = json.loads(index.read_text())
+    lost = entries.pop(shard.name)
+    index.write_text(json.dumps(entries))
+    assert not set(lost) & set(cache.load_index().index)
+    cache.fill(model.encode_audio, train_set, batch_size=4)
+    assert set(cache.load_index().index) == {cache.entry_name(r) for r in train_set.records}
+
+
+def test_feature_cache_is_keyed_by_the_audio_not_the_id(tmp_path):
+    # two manifests list clip0.flac (their default id) for other audio; then one file is rewritten in place
+    flacs = sorted((FIXTURE / "train-clean-100").glob("*/*/*.flac"))[:3]
+    model = make_model()
+    cache = cache_for(model, tmp_path / "cache")
+
+    def manifest_run(folder, flac):
+        folder.mkdir(exist_ok=True)
+        (folder / "clip0.flac").write_bytes(flac.read_bytes())
+        (folder / "m.jsonl").write_text(json.dumps({"audio": "clip0.flac", "text": "words"}))
+        report = DataReport(folder.name)
+        dataset = build_dataset(folder.name, read_manifest(folder / "m.jsonl", report), report)
+        cache.fill(model.encode_audio, dataset)
+        cached = CachedFeatureDataset(dataset, cache.load_index())
+        assert len(cached) == 1
+        return cached[0].frames.float()
+
+    def encoded(flac):
+        with torch.no_grad():
+            return model.encode_audio([sf.read(flac, dtype="float32")[0]])[0].half().float()
+
+    first, second = manifest_run(tmp_path / "a", flacs[0]), manifest_run(tmp_path / "b", flacs[1])
+    torch.testing.assert_close(first, encoded(flacs[0]))
+    torch.testing.assert_close(second, encoded(flacs[1]))  # its own audio, not the first run's entry
+    torch.testing.assert_close(manifest_run(tmp_path / "a", flacs[2]), encoded(flacs[2]))  # rewritten in place
+    assert len(cache.index) == 3
+
+
+def test_two_ranks_fill_disjoint_shares(train_set, tmp_path):
+    model = make_model()
+    for rank in (0, 1):
+        cache_for(model, tmp_path).fill(model.encode_audio, train_set, rank=rank, world=2)
+    cache = cache_for(model, tmp_path).load_index()
+    assert len(cache.index) == len(train_set) and {s.split("-")[0] for s in cache.index.values()} == {"rank0", "rank1"}
+
+
+def test_maskless_encoder_fill_batches_near_equal_clips_and_keeps_the_loss(train_clips, tmp_path):
+    # group-norm HuBERT (base) takes no attention mask: the fill batches only clips within 2% of equal length
+    # (a LibriSpeech-sized corpus is full of such neighbours), where it once encoded one clip at a time
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    import bench
+    from backbones import tiny_backbones
+    from finetune import FILL_MAX_PADDING
+    from model import SlamASR, SlamASRConfig
+    _, llm, tokenizer, _ = tiny_backbones(0)
+    torch.manual_seed(0)
+    encoder = HubertModel(HubertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
+                                       num_conv_pos_embedding_groups=4, feat_extract_norm="group")).eval()
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                         do_normalize=False, return_attention_mask=False)
+    model = SlamASR.from_backbones(SlamASRConfig(encoder="tiny-group", llm="tiny", adapter_hidden=256), encoder, llm,
+                                   tokenizer, extractor)
+    assert not model.encoder_takes_mask
+    audios, texts = train_clips
+    n = 16000 * 3
+    clips = [dict(id=f"c{i}", audio=np.resize(audios[i], int(n * (1 - FILL_MAX_PADDING * i / 6))), text=texts[i])
+             for i in range(6)]
+    for i, c in enumerate(clips):
+        c.update(duration=len(c["audio"]) / 16000, audio_identity=f"near-equal:{i}")
+    dataset = bench.InMemory(clips)
+    calls = []
+
+    def encode(batch):
+        calls.append(len(batch))
+        return model.encode_audio(batch)
+
+    collator = SpeechCollator(model.processor)
+    losses = []
+    for name, padding in (("one_at_a_time", 0.0), ("near_equal", FILL_MAX_PADDING)):
+        calls.clear()
+        cache = cache_for(model, tmp_path / name)
+        cache.fill(encode, dataset, batch_size=8, batched=False, max_padding=padding)
+        cached = CachedFeatureDataset(dataset, cache.load_index())
+        losses.append(batch_loss(model, collator([cached[i] for i in range(6)])))
+        assert calls == ([1] * 6 if padding == 0 else [6])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)
+    assert fill_batches([2.0, 2.0, 2.0, 3.0], 8, max_padding=0.0) == [[0, 1, 2], [3]]  # equal lengths batch
+    assert fill_batches([1.0, 2.0, 3.0, 4.0], 8, max_seconds=6.0) == [[0, 1], [2], [3]]  # padded seconds cap
