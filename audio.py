@@ -6,6 +6,7 @@ Decoding is soundfile's (libsndfile), resampling soxr's: no torchaudio, no ffmpe
 
 import io
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -44,10 +45,28 @@ def _open(source):
     return io.BytesIO(source), "<bytes>"
 
 
+def _header(handle, name):
+    """soundfile's header of an opened source, refusing a file cut short after its header was written (libsndfile
+    reads such a WAV to its last whole frame without a word, and its transcript would then be trained on a part)."""
+    try:
+        info = sf.info(handle)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"{name}: cannot read audio ({e})") from None
+    cut = re.search(r"^data : (\d+) \(should be (\d+)\)", info.extra_info, re.M)
+    if cut and int(cut.group(2)) < int(cut.group(1)):
+        raise DataError(f"{name}: truncated (its header announces {cut.group(1)} bytes of audio, the file holds "
+                        f"{cut.group(2)})")
+    return info
+
+
 def read_audio(source, sampling_rate=SAMPLE_RATE):
     """A file path or bytes -> 1-D float32 at `sampling_rate` (mixed to mono, resampled).
-    Raises DataError for missing, non-regular, unreadable, empty, too short or non-finite audio."""
+    Raises DataError for missing, non-regular, unreadable, truncated, empty, too short or non-finite audio, and for
+    channels that cancel out when mixed."""
     handle, name = _open(source)
+    _header(handle, name)
+    if isinstance(handle, io.BytesIO):
+        handle.seek(0)
     try:
         data, rate = sf.read(handle, dtype="float32", always_2d=True)  # (samples, channels), ints scaled to [-1, 1]
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
@@ -55,6 +74,10 @@ def read_audio(source, sampling_rate=SAMPLE_RATE):
     audio = data.mean(axis=1)  # (samples,)
     if not np.isfinite(audio).all():
         raise DataError(f"{name}: audio contains NaN or Inf samples")
+    loudest = float(np.sqrt((data.astype(np.float64) ** 2).mean(axis=0)).max()) if len(data) else 0.0
+    if data.shape[1] > 1 and loudest > 1e-4 and np.sqrt((audio.astype(np.float64) ** 2).mean()) < 0.01 * loudest:
+        raise DataError(f"{name}: its {data.shape[1]} channels cancel out when mixed to mono (one is another "
+                        "inverted); mix it down to mono yourself")
     if rate != sampling_rate and len(audio):
         audio = soxr.resample(audio, rate, sampling_rate).astype(np.float32)
     if len(audio) < MIN_AUDIO_SAMPLES * sampling_rate // SAMPLE_RATE:
@@ -65,20 +88,27 @@ def read_audio(source, sampling_rate=SAMPLE_RATE):
 
 def audio_duration(source):
     """Seconds, from the file header alone (no decoding). Raises DataError naming the file when it cannot."""
-    handle, name = _open(source)
-    try:
-        info = sf.info(handle)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
-        raise DataError(f"{name}: cannot read audio ({e})") from None
+    info = _header(*_open(source))
     return info.frames / info.samplerate
 
 
+IDENTITY_BYTES = 64 * 1024  # the head and tail of a file that its identity hashes
+
+
 def file_identity(path):
-    """What the feature cache knows a file's audio by: resolved path + size + mtime_ns. A stat is free at
-    indexing, where a content hash would read all the audio (tens of GB) at every start; a rewritten file gets
-    a new identity."""
+    """What the feature cache knows a file's audio by: resolved path + size + mtime_ns + a hash of its first and
+    last 64 KB. A rewritten file gets a new identity even where its size and mtime were restored; a hash of all
+    of it would read every clip (tens of GB) at every start, this reads the part the header read touches
+    anyway, and the end."""
+    import hashlib
+
     st = os.stat(path)
-    return f"file:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    with open(path, "rb") as f:
+        digest = hashlib.sha1(f.read(IDENTITY_BYTES))
+        if st.st_size > 2 * IDENTITY_BYTES:
+            f.seek(-IDENTITY_BYTES, os.SEEK_END)
+        digest.update(f.read(IDENTITY_BYTES))
+    return f"file:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()[:16]}"
 
 
 def quiet_cuts(audio, sampling_rate=SAMPLE_RATE, max_seconds=30.0, search_seconds=CUT_SEARCH_SECONDS):

@@ -10,8 +10,48 @@ import math
 
 import torch
 
+from audio import SAMPLE_RATE
+
 logger = logging.getLogger(__name__)
 TINY = "tiny"  # name of the built-in tiny random backbones, usable for `encoder` and/or `llm`
+
+
+SPEECH_ENCODERS = "HuBERT, WavLM, wav2vec2, data2vec-audio or Whisper"
+
+
+def load_pretrained(what, name, fn, **kwargs):
+    """fn(name, **kwargs) (a from_pretrained), with one line that says what to do when it fails: the file a
+    local folder lacks, or, for a hub name, how to get the files onto an offline machine."""
+    import os
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    logger.info(f"loading the {what} {name!r} ...")
+    quiet = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its retry warnings would bury the one line below
+    try:
+        return fn(name, **kwargs)
+    except OSError as e:
+        reason = " ".join(str(e).split())
+        if os.path.isdir(name):
+            raise OSError(f"could not load the {what} from the folder {name}: {reason}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        raise OSError(
+            f"could not load the {what} {name!r} ({reason}). "
+            + ("HF_HUB_OFFLINE is set and the hub cache lacks it: " if offline else "If this machine is offline, ")
+            + f"download it where there is a network (`hf download {name}`) and pass its local folder instead, or "
+            "point HF_HOME at a cache that holds it.") from None
+    finally:
+        hub_logging.set_verbosity(quiet)
+
+
+def load_tokenizer(name, trust_remote_code=False):
+    """The LLM's tokenizer alone (small: what the prompt needs before any weights load)."""
+    from transformers import AutoTokenizer
+
+    if name == TINY:
+        return tiny_tokenizer()
+    return load_pretrained("tokenizer", name, AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
 
 
 def load_backbones(config, torch_dtype=None, trust_remote_code=False, attn_implementation=None):
@@ -20,48 +60,39 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False, attn_imple
     (TinyLlama's hub weights are bfloat16), a float32 run gets float32 backbones. `attn_implementation`
     ("eager", "sdpa", "flash_attention_2", as from_pretrained takes it) is the attention kernel of both;
     None leaves transformers' choice (sdpa for HuBERT and Llama)."""
-    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM
 
     tiny = tiny_backbones() if TINY in (config.encoder, config.llm) else None
-
-    model_kwargs = dict(attn_implementation=attn_implementation) if attn_implementation else {}
-
-    def load(what, name, fn, **kwargs):
-        try:
-            return fn(name, trust_remote_code=trust_remote_code, **kwargs)
-        except OSError as e:
-            raise OSError(
-                f"could not load the {what} {name!r} ({e}). If this machine is offline, download it where there is "
-                f"a network (`hf download {name}`) and pass its local folder instead, or point HF_HOME at a cache "
-                "that holds it."
-            ) from None
-
+    # transformers 5 reads dtype=None as "auto", the checkpoint's own dtype: always name the one wanted
+    torch_dtype = torch_dtype or torch.float32
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=torch_dtype,
+                  **(dict(attn_implementation=attn_implementation) if attn_implementation else {}))
     if config.encoder == TINY:
         encoder, feature_extractor = tiny[0], tiny[3]
     else:
-        model_type = load("speech encoder", config.encoder, AutoConfig.from_pretrained).model_type
-        if model_type == "whisper":
+        encoder_config = load_pretrained("speech encoder", config.encoder, AutoConfig.from_pretrained,
+                                         trust_remote_code=trust_remote_code)
+        if encoder_config.model_type != "whisper" and not hasattr(encoder_config, "conv_stride"):
+            raise ValueError(f"--encoder {config.encoder} is a {encoder_config.model_type} model, not a speech "
+                             f"encoder: pass one of {SPEECH_ENCODERS}")
+        feature_extractor = load_pretrained("speech encoder's feature extractor", config.encoder,
+                                            AutoFeatureExtractor.from_pretrained, trust_remote_code=trust_remote_code)
+        if encoder_config.model_type == "whisper":
             # A Whisper checkpoint is the whole encoder-decoder (AutoModel would give both): keep the encoder.
             # WhisperEncoder.from_pretrained would not find the checkpoint's "model.encoder." weights and would
             # start from random ones, so the whole model is loaded and its decoder let go.
             from transformers import WhisperModel
 
-            whisper = load("speech encoder", config.encoder, WhisperModel.from_pretrained,
-                           dtype=torch_dtype or torch.float32, **model_kwargs)
+            whisper = load_pretrained("speech encoder", config.encoder, WhisperModel.from_pretrained, **kwargs)
             encoder = whisper.get_encoder()
             del whisper
         else:
-            encoder = load("speech encoder", config.encoder, AutoModel.from_pretrained,
-                           dtype=torch_dtype or torch.float32, **model_kwargs)
-        feature_extractor = load("feature extractor", config.encoder, AutoFeatureExtractor.from_pretrained)
+            encoder = load_pretrained("speech encoder", config.encoder, AutoModel.from_pretrained, **kwargs)
     if config.llm == TINY:
         llm, tokenizer = tiny[1], tiny[2]
     else:
-        llm = load("LLM", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch_dtype or torch.float32,
-                   **model_kwargs)
-        tokenizer = load("tokenizer", config.llm, AutoTokenizer.from_pretrained)
-    # transformers 5 reads dtype=None as "auto", the checkpoint's own dtype: always name the one wanted
-    torch_dtype = torch_dtype or torch.float32
+        tokenizer = load_tokenizer(config.llm, trust_remote_code)
+        llm = load_pretrained("LLM", config.llm, AutoModelForCausalLM.from_pretrained, **kwargs)
     encoder, llm = encoder.to(torch_dtype), llm.to(torch_dtype)
     if attn_implementation:  # the tiny backbones are built, not loaded: they take it here
         for name, built in ((config.encoder, encoder), (config.llm, llm)):
@@ -88,6 +119,7 @@ class Wav2Vec2Family:
     PADDING_LEAKS = ("data2vec-audio",)
 
     def __init__(self, encoder, feature_extractor):
+        check_pair(encoder, feature_extractor, "input_values")
         self.encoder = encoder
         self.sampling_rate = feature_extractor.sampling_rate
         # Group-norm models (the base ones) were trained on zero-padded audio without a mask; layer-norm models
@@ -142,6 +174,11 @@ class WhisperEncoderKind:
     batches_exactly = True  # each clip is padded to the window, in a batch or alone: the same input either way
 
     def __init__(self, encoder, feature_extractor):
+        check_pair(encoder, feature_extractor, "input_features")
+        if feature_extractor.feature_size != encoder.config.num_mel_bins:
+            raise ValueError(f"the Whisper feature extractor makes {feature_extractor.feature_size} mel bins, its "
+                             f"encoder takes {encoder.config.num_mel_bins}: they come from different checkpoints; "
+                             "load both from the same one")
         self.encoder = encoder
         self.sampling_rate = feature_extractor.sampling_rate
         self.hop_length = feature_extractor.hop_length
@@ -192,6 +229,21 @@ class WhisperEncoderKind:
         return clips * (2 * params * self.window_frames + conv_flops)
 
 
+def check_pair(encoder, feature_extractor, input_name):
+    """Refuses a feature extractor made for another kind of encoder (it would crash at the first batch), and warns
+    where it resamples to another rate than the 16 kHz every supported encoder was trained at."""
+    made = feature_extractor.model_input_names[0]
+    if made != input_name:
+        raise ValueError(f"the speech encoder ({type(encoder).__name__}) takes {input_name}, but its feature extractor "
+                         f"({type(feature_extractor).__name__}) makes {made}: they come from different checkpoints; "
+                         "load both from the same one")
+    if feature_extractor.sampling_rate != SAMPLE_RATE:
+        logger.warning(f"the speech encoder's feature extractor says {feature_extractor.sampling_rate} Hz, but "
+                       f"{SPEECH_ENCODERS} checkpoints are trained at {SAMPLE_RATE} Hz: clips are resampled to "
+                       f"{feature_extractor.sampling_rate} Hz, and the encoder hears them at the wrong speed unless it "
+                       "was trained at that rate")
+
+
 def encoder_kind(encoder, feature_extractor):
     """The kind of `encoder`, read off its config: Whisper's encoder, or the wav2vec2 family (a conv front end on
     the waveform)."""
@@ -226,17 +278,10 @@ transcribe this audio
 """
 
 
-def tiny_backbones(seed=0):
-    """A tiny random HubertModel, a tiny random LlamaForCausalLM, a byte-level BPE tokenizer trained offline
-    and a feature extractor: deterministic for a seed, built in about a second, for tests, demos and benchmarks.
-
-    The LLM's init is deliberately larger than the usual std 0.02: at that scale a tiny random transformer
-    passes almost no signal from the speech positions to the transcript positions, and no adapter can then
-    fit anything through it (measured: width 64 / std 0.02 stuck at loss 5.6, width 128 / std 0.1 down to 0.06).
-    """
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained offline on _TINY_TOKENIZER_TEXT, with TinyLlama's chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                              Wav2Vec2FeatureExtractor)
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -252,7 +297,20 @@ def tiny_backbones(seed=0):
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", chat_template=TINYLLAMA_CHAT_TEMPLATE)
+    return tokenizer
 
+
+def tiny_backbones(seed=0):
+    """A tiny random HubertModel, a tiny random LlamaForCausalLM, a byte-level BPE tokenizer trained offline
+    and a feature extractor: deterministic for a seed, built in about a second, for tests, demos and benchmarks.
+
+    The LLM's init is deliberately larger than the usual std 0.02: at that scale a tiny random transformer
+    passes almost no signal from the speech positions to the transcript positions, and no adapter can then
+    fit anything through it (measured: width 64 / std 0.02 stuck at loss 5.6, width 128 / std 0.1 down to 0.06).
+    """
+    from transformers import HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, Wav2Vec2FeatureExtractor
+
+    tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = HubertModel(HubertConfig(

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import zipfile
 from dataclasses import fields
 from glob import glob
 
+import torch
 from safetensors import SafetensorError, safe_open
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -50,26 +52,30 @@ def mark_complete(path, global_step):
 def hold_output_dir(output_dir, holder=True):
     """An exclusive lock on output_dir for the run's life: a second run into it fails at once instead of mixing
     its checkpoints with ours. Held by the process that writes checkpoints (`holder`; rank 0, or each node's
-    first process with --save_on_each_node). fcntl.flock rather than the filelock package: the kernel drops it
-    when the process dies, SIGKILL included, where filelock's fallback soft lock would stay behind stale."""
+    first process with --save_on_each_node). An fcntl.flock on the folder itself, which a stray `rm` cannot take
+    away, and which the kernel drops when the process dies, SIGKILL included (the filelock package's fallback
+    soft lock would stay behind stale). LOCK_NAME in it only says who holds it."""
     if not holder:
         yield
         return
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, LOCK_NAME), "a+") as f:
+    folder = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)
+    info = os.path.join(output_dir, LOCK_NAME)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            raise RuntimeError(f"{output_dir} is in use by another run ({f.read().strip() or 'holder unknown'}): "
+            holder_line = open(info).read().strip() if os.path.isfile(info) else ""
+            raise RuntimeError(f"{output_dir} is in use by another run ({holder_line or 'holder unknown'}): "
                                "wait for it to end, or choose another --output_dir") from None
         except OSError as e:  # a filesystem without locks (some network mounts): warn, do not refuse to train
             logger.warning(f"cannot lock {output_dir} ({e}): nothing stops a second run from writing into it")
         else:
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
+            write_text_atomic(info, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         yield
+    finally:
+        os.close(folder)
 
 
 def find_checkpoints(output_dir):
@@ -148,9 +154,26 @@ def config_differences(saved, current):
             if getattr(current, f.name) is not None and getattr(saved, f.name) != getattr(current, f.name)]
 
 
+def checkpoint_step(path):
+    return int(re.fullmatch(PREFIX_CHECKPOINT_DIR + r"-(\d+)", os.path.basename(os.path.normpath(path))).group(1))
+
+
+def set_aside(paths, why):
+    """Renames checkpoints that must no longer count (`last` would take them) to <name>.superseded[-N]."""
+    for path in paths:
+        target, n = f"{path}.superseded", 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{path}.superseded-{n}"
+        logger.warning(f"moving {path} aside to {target}: {why}")
+        os.rename(path, target)
+
+
 def resolve_resume(training_args, config):
     """--resume_from_checkpoint PATH or `last` (the newest intact checkpoint); refuses torn or broken
-    checkpoints, silently mixed runs, and a checkpoint of another model config than `config`."""
+    checkpoints, silently mixed runs, a checkpoint of another model config than `config`, and a learning rate that
+    the checkpoint's schedule would ignore. Checkpoints past the one resumed from are set aside: they belong to
+    the attempt being replaced, and `last` must mean this run's newest."""
     complete, torn = find_checkpoints(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is None:
@@ -183,8 +206,17 @@ def resolve_resume(training_args, config):
         raise ValueError(f"{resume} was trained with another model config than this run's: "
                          + "; ".join(differences) + ". Pass the checkpoint's values (the same command as its run), "
                          "or start a new --output_dir")
-    if torn and training_args.should_save:
+    scheduler = os.path.join(resume, SCHEDULER_NAME)
+    if os.path.isfile(scheduler):  # Trainer restores the checkpoint's schedule, base learning rate included
+        base = torch.load(scheduler, weights_only=True)["base_lrs"][0]
+        if not math.isclose(base, training_args.learning_rate, rel_tol=1e-6):
+            raise ValueError(f"--learning_rate {training_args.learning_rate:g}: {resume} continues a schedule that "
+                             f"started from {base:g}, which a resume keeps; pass --learning_rate {base:g}, or start a "
+                             "new --output_dir for another rate")
+    if training_args.should_save:
         for path in torn:  # half-written by a killed run; left in place they would be rotated in as if good
             logger.warning(f"removing incomplete checkpoint {path}")
             shutil.rmtree(path)
+        later = [p for p in complete if checkpoint_step(p) > checkpoint_step(resume)]
+        set_aside(later, f"this run resumes from the earlier {os.path.basename(resume)}")
     return resume

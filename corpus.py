@@ -121,8 +121,8 @@ def index_librispeech(root, splits, report):
                     report.add("no .trans.txt in its chapter folder", flac)
                 continue
             listed = set()
-            for lineno, line in enumerate(trans.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-                if not line.strip():
+            for lineno, line in enumerate(utf8_lines(trans, report), 1):
+                if line is None or not line.strip():  # None: not UTF-8, counted by utf8_lines
                     continue
                 utt, _, text = line.strip().partition(" ")
                 if not re.fullmatch(r"\d+-\d+-\d+", utt):
@@ -136,36 +136,48 @@ def index_librispeech(root, splits, report):
     return records
 
 
+def utf8_lines(path, report):
+    """The lines of a text file, a byte-order mark dropped; a line that is not UTF-8 comes as None, counted in
+    `report` with its place (decoded with replacement characters, it would be trained on as such)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            report.add("line is not UTF-8 text (convert the file: iconv -f latin1 -t utf-8)", f"{path}:{lineno}")
+            yield None
+
+
 def read_manifest(path, report, require_text=True):
     """Records from a JSON-lines manifest: {"audio": path (relative to the manifest), "text": ...}, optional
     "id" and "duration". A listed duration is kept to be checked against the file's header (with_durations);
     it is never used in place of the header's."""
     base = Path(path).parent
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                report.add("manifest line is not JSON", where)
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("audio"), str) or (
-                require_text and not isinstance(entry.get("text"), str)
-            ):
-                report.add('manifest line lacks a string "audio"' + (' or "text"' if require_text else ""), where)
-                continue
-            listed = entry.get("duration")
-            if listed is not None and (isinstance(listed, bool) or not isinstance(listed, (int, float)) or not (
-                    math.isfinite(listed) and listed >= 0)):  # json.loads accepts NaN and Infinity
-                report.add('manifest "duration" is not a finite number >= 0', where)
-                continue
-            text = entry.get("text")
-            records.append(Record(id=str(entry.get("id", entry["audio"])), text=text if isinstance(text, str) else None,
-                                  path=str(base / entry["audio"]),
-                                  listed_duration=None if listed is None else float(listed)))
+    for lineno, line in enumerate(utf8_lines(path, report), 1):
+        if line is None or not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            report.add("manifest line is not JSON", where)
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("audio"), str) or (
+            require_text and not isinstance(entry.get("text"), str)
+        ):
+            report.add('manifest line lacks a string "audio"' + (' or "text"' if require_text else ""), where)
+            continue
+        listed = entry.get("duration")
+        if listed is not None and (isinstance(listed, bool) or not isinstance(listed, (int, float)) or not (
+                math.isfinite(listed) and listed >= 0)):  # json.loads accepts NaN and Infinity
+            report.add('manifest "duration" is not a finite number >= 0', where)
+            continue
+        text = entry.get("text")
+        records.append(Record(id=str(entry.get("id", entry["audio"])), text=text if isinstance(text, str) else None,
+                              path=str(base / entry["audio"]),
+                              listed_duration=None if listed is None else float(listed)))
     return records
 
 

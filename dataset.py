@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import os
+import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from audio import SAMPLE_RATE, DataError, read_audio
 from batching import fill_batches
 from corpus import ClipFilter
+from processor import write_text_atomic
 
 logger = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 16  # consecutive bad clips tolerated while loading before the data is declared broken
@@ -151,6 +154,8 @@ class FeatureCache:
     SHARD_BYTES = 512 * 2**20
 
     def __init__(self, root, encoder_name, sampling_rate, hidden_size, encoder_dtype, dtype=torch.float16):
+        # names this run's shards and index apart from another run's filling the same cache at the same time
+        self.run = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         # the encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other features
         self.key = dict(encoder=encoder_name, sampling_rate=sampling_rate, hidden_size=hidden_size,
                         encoder_dtype=str(encoder_dtype).replace("torch.", ""),
@@ -163,12 +168,20 @@ class FeatureCache:
         self._readers = {}
 
     def load_index(self):
+        """Every run's and rank's index; a shard that is missing or cut short is left out (its clips are
+        encoded again), an index that is not JSON is refused by name."""
         self.index = {}
-        for path in sorted(self.dir.glob("index-rank*.json")):
-            shards = json.loads(path.read_text())
+        for path in sorted(self.dir.glob("index-*.json")):
+            try:
+                shards = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path} is damaged ({e}): delete the feature cache {self.dir} to rebuild it") from None
             for shard, names in shards.items():
-                if (self.dir / shard).is_file():
-                    self.index.update({name: shard for name in names})
+                problem = shard_problem(self.dir / shard)
+                if problem:
+                    logger.warning(f"feature cache: {self.dir / shard} {problem}; its clips are encoded again")
+                    continue
+                self.index.update({name: shard for name in names})
         return self
 
     @staticmethod
@@ -192,10 +205,10 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "key.json").write_text(json.dumps(self.key, indent=2))
+        write_text_atomic(str(self.dir / "key.json"), json.dumps(self.key, indent=2))
         self.load_index()
-        index_path = self.dir / f"index-rank{rank}.json"
-        shards = json.loads(index_path.read_text()) if index_path.exists() else {}
+        index_path = self.dir / f"index-{self.run}-rank{rank}.json"
+        shards = {}
         # one record per audio: ids naming the same file share its entry
         todo = list({self.entry_name(r): r for r in dataset.records[rank::world] if r not in self}.values())
         todo.sort(key=lambda r: r.duration)  # similar lengths per batch: less padding
@@ -204,12 +217,15 @@ class FeatureCache:
         def flush():
             nonlocal pending, pending_bytes
             if pending:
-                name = f"rank{rank}-{len(shards):05d}.safetensors"
-                save_file(pending, str(self.dir / (name + ".tmp")))
-                os.replace(self.dir / (name + ".tmp"), self.dir / name)
-                shards[name] = list(pending)
-                index_path.with_suffix(".tmp").write_text(json.dumps(shards))
-                os.replace(index_path.with_suffix(".tmp"), index_path)  # the index names only finished shards
+                name = f"{self.run}-rank{rank}-{len(shards):05d}.safetensors"
+                try:
+                    save_file(pending, str(self.dir / (name + ".tmp")))
+                    os.replace(self.dir / (name + ".tmp"), self.dir / name)
+                    shards[name] = list(pending)
+                    write_text_atomic(str(index_path), json.dumps(shards))  # names only finished shards
+                except OSError as e:  # a full disk: say which
+                    raise OSError(f"{self.dir / name}: {e.strerror or e} while writing the feature cache; free "
+                                  "space there or point --feature_cache at another disk") from None
             pending, pending_bytes = {}, 0
 
         groups = fill_batches([r.duration for r in todo], batch_size, batch_seconds, None if batched else max_padding)
@@ -241,6 +257,22 @@ class FeatureCache:
         if shard not in self._readers:  # memory-mapped; opened lazily, per DataLoader worker
             self._readers[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._readers[shard].get_tensor(name)
+
+
+def shard_problem(path):
+    """Why a safetensors shard cannot be read in full (missing, or shorter than its header says), or None: the
+    header alone is read."""
+    try:
+        with open(path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_bytes))
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "has a damaged header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return None if size >= 8 + header_bytes + end else f"is cut short ({size} bytes of {8 + header_bytes + end})"
 
 
 class CachedFeatureDataset(SpeechDataset):

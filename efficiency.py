@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from processor import write_text_atomic
+
 logger = logging.getLogger("finetune")
 
 # Dense (no sparsity) bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets, by torch.cuda.get_device_name();
@@ -83,12 +85,53 @@ def peak_cache_path():
     return os.path.join(constants.HF_HOME, "slam_asr", "matmul_peaks.json")
 
 
+def cpu_flags():
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty where there is no such file)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    return set()
+
+
+def cpu_peak(dtype):
+    """(FLOP/s, how it was reckoned): the CPU's datasheet-style dense peak in `dtype` for the threads torch uses,
+    threads x clock x FLOPs per cycle and core (fp32 FMA: 64 with AVX-512, 32 with AVX2; bf16/fp16: 1024 with AMX,
+    twice fp32 with AVX512-BF16/-FP16, else converted to fp32 at its rate). An upper bound that a busy machine
+    cannot read low, as a timed matmul can (an MFU over 100% came of that)."""
+    flags = cpu_flags()
+    per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags and "fma" in flags else 8
+    half = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}.get(dtype)
+    if half and half[0] in flags:
+        per_cycle = 1024
+    elif half and half[1] in flags:
+        per_cycle *= 2
+    hz = None
+    with contextlib.suppress(OSError, ValueError), open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+        hz = int(f.read()) * 1e3  # kHz
+    if hz is None:
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            hz = next((float(line.split(":")[1]) * 1e6 for line in f if line.startswith("cpu MHz")), None)
+    hz = hz or 3e9
+    threads = torch.get_num_threads()
+    return threads * hz * per_cycle, (f"{threads} threads x {hz / 1e9:.2f} GHz x {per_cycle} FLOP/cycle "
+                                      f"({str(dtype).replace('torch.', '')}, from /proc/cpuinfo's flags)")
+
+
+def fast_on_cpu(dtype):
+    """Whether this CPU has instructions for `dtype` matmuls (float32 always): bf16 and fp16 without them are
+    converted element by element, several times slower than float32."""
+    need = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}.get(dtype)
+    return need is None or bool(cpu_flags() & set(need))
+
+
 def peak_flops(device, dtype, remeasure=False):
-    """(FLOP/s, where it comes from) of one device in `dtype`: the datasheet for known GPUs in bf16/fp16, else a
-    matmul timing measured once per device, dtype and torch version and cached in peak_cache_path().
-    `remeasure`: time it again and keep the higher figure (a peak measured while other processes shared the
-    device was too low)."""
+    """(FLOP/s, where it comes from) of one device in `dtype`: the datasheet for known GPUs in bf16/fp16, the
+    CPU's reckoned peak (cpu_peak), else a matmul timing measured once per device, dtype and torch version and
+    cached in peak_cache_path(). `remeasure`: time it again and keep the higher figure (a peak measured while
+    other processes shared the device was too low)."""
     name = device_name(device)
+    if device.type == "cpu":
+        flops, how = cpu_peak(dtype)
+        return flops, f"reckoned peak of {name.split(',')[0]}: {how}"
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         for key, flops in GPU_HALF_PEAKS:
             if key in name:
@@ -137,6 +180,30 @@ class RunEfficiency:
         # (audio seconds through the encoder, speech tokens, prompt tokens, targets, clips through the encoder)
         self.sums = None
         self.steps = 0
+        # what the run's earlier segments counted, when it resumed from a checkpoint (restore)
+        self.earlier = dict(wall_seconds=0.0, seconds={}, sums=[0.0] * 5, steps=0, fill_audio_seconds=0.0, fill_clips=0)
+
+    # --- a run in segments: what a checkpoint holds, and what a resume starts from --------------------------
+
+    def state(self):
+        """Everything counted so far, earlier segments included: saved with each checkpoint."""
+        e = self.earlier
+        seconds = {name: self.elapsed(name) for name in {*self.seconds, *e["seconds"], "training"}}
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * 5
+        return dict(wall_seconds=time.perf_counter() - self.start + e["wall_seconds"], seconds=seconds,
+                    sums=[a + b for a, b in zip(sums, e["sums"])], steps=self.steps + e["steps"],
+                    fill_audio_seconds=self.fill_audio_seconds + e["fill_audio_seconds"],
+                    fill_clips=self.fill_clips + e["fill_clips"])
+
+    def save(self, directory, rank):
+        write_text_atomic(os.path.join(directory, f"efficiency_rank{rank}.json"), json.dumps(self.state()))
+
+    def restore(self, directory, rank):
+        """Starts from what a checkpoint's run had counted (nothing, for a checkpoint written without it)."""
+        path = os.path.join(directory, f"efficiency_rank{rank}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.earlier = json.load(f)
 
     # --- time -----------------------------------------------------------------------------------------------
 
@@ -164,7 +231,7 @@ class RunEfficiency:
     def elapsed(self, name):
         """Seconds of phase `name` so far, the lap under way included (it is what the next `lap` will close)."""
         running = time.perf_counter() - self.last - self.nested if name == "training" else 0.0
-        return self.seconds.get(name, 0.0) + running
+        return self.seconds.get(name, 0.0) + running + self.earlier["seconds"].get(name, 0.0)
 
     # --- FLOPs ----------------------------------------------------------------------------------------------
 
@@ -192,9 +259,11 @@ class RunEfficiency:
 
     def flops(self):
         """{encoder_cache_fill, encoder_in_steps, adapter_llm}: model FLOPs so far (this process's)."""
-        m = self.model
-        seconds, speech, prompt, targets, clips = self.sums.tolist() if self.sums is not None else (0.0,) * 5
-        return dict(encoder_cache_fill=m.flops_per_step(self.fill_audio_seconds, 0, 0, 0, clips=self.fill_clips),
+        m, e = self.model, self.earlier
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * 5
+        seconds, speech, prompt, targets, clips = (a + b for a, b in zip(sums, e["sums"]))
+        fill_seconds, fill_clips = self.fill_audio_seconds + e["fill_audio_seconds"], self.fill_clips + e["fill_clips"]
+        return dict(encoder_cache_fill=m.flops_per_step(fill_seconds, 0, 0, 0, clips=fill_clips),
                     encoder_in_steps=m.flops_per_step(seconds, 0, 0, 0, clips=clips),
                     adapter_llm=m.flops_per_step(0.0, speech, prompt, targets, train_encoder=False))
 
@@ -209,21 +278,23 @@ class RunEfficiency:
     def report(self, world_size=1, device="cpu"):
         """The run's figures, all ranks summed (call it on every rank): phases, FLOPs, MFU. The whole-run MFU
         is all model FLOPs over the whole wall time and the peak of every process's device."""
-        total = time.perf_counter() - self.start
+        total = time.perf_counter() - self.start + self.earlier["wall_seconds"]
         flops = self.flops()
         if world_size > 1:
             values = torch.tensor(list(flops.values()), dtype=torch.float64, device=device)  # the group's device
             torch.distributed.all_reduce(values)
             flops = dict(zip(flops, values.tolist()))
-        phases = {name: round(s, 3) for name, s in self.seconds.items()}
-        phases["other"] = round(total - sum(self.seconds.values()), 3)  # saving, the report, what is left
+        seconds = {name: self.seconds.get(name, 0.0) + self.earlier["seconds"].get(name, 0.0)
+                   for name in {*self.seconds, *self.earlier["seconds"]}}
+        phases = {name: round(s, 3) for name, s in sorted(seconds.items())}
+        phases["other"] = round(total - sum(seconds.values()), 3)  # saving, the report, what is left
         all_flops = sum(flops.values())
         peak = self.peak * world_size
         step_flops = flops["encoder_in_steps"] + flops["adapter_llm"]
         mfu = dict(whole_run=all_flops / total / peak)
         for phase, phase_flops in (("training", step_flops), ("cache_fill", flops["encoder_cache_fill"])):
-            if self.seconds.get(phase, 0.0) > 0:
-                mfu[phase] = phase_flops / self.seconds[phase] / peak
+            if seconds.get(phase, 0.0) > 0:
+                mfu[phase] = phase_flops / seconds[phase] / peak
         if max(mfu.values()) > 1 and self.peak_source.startswith("measured"):
             # more than the peak: the cached one was measured under another process's load; measure it again
             # (the better figure is kept) and report against that
@@ -235,7 +306,7 @@ class RunEfficiency:
             flops=dict(total=all_flops, encoder=flops["encoder_cache_fill"] + flops["encoder_in_steps"],
                        adapter_llm=flops["adapter_llm"], **{f"encoder_{k}": flops[f"encoder_{k}"]
                                                             for k in ("cache_fill", "in_steps")}),
-            training_steps=self.steps, processes=world_size, dtype=self.dtype, peak_flops_per_device=self.peak,
+            training_steps=self.steps + self.earlier["steps"], processes=world_size, dtype=self.dtype, peak_flops_per_device=self.peak,
             peak_source=self.peak_source,
             mfu=mfu,
         )
@@ -244,12 +315,12 @@ class RunEfficiency:
 def summary_line(report):
     """One log line of the report."""
     phases = ", ".join(f"{name} {s:.1f} s" for name, s in report["phase_seconds"].items())
-    f, mfu = report["flops"], report["mfu"]
+    f, mfu, peak = report["flops"], report["mfu"], report["peak_flops_per_device"]
+    peak = f"{peak / 1e12:.2f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.1f} GFLOP/s"  # CPUs: GFLOP/s
     return (f"efficiency: {report['wall_seconds']:.1f} s ({phases}); {f['total'] / 1e12:.3f} TFLOP of model work "
             f"(encoder {f['encoder'] / 1e12:.3f}, adapter + LLM {f['adapter_llm'] / 1e12:.3f}); MFU "
             + ", ".join(f"{100 * v:.1f}% {k.replace('_', ' ')}" for k, v in mfu.items())
-            + f" of {report['peak_flops_per_device'] / 1e12:.2f} TFLOP/s "
-            f"{report['dtype']} x {report['processes']} ({report['peak_source']})")
+            + f" of {peak} {report['dtype']} x {report['processes']} ({report['peak_source']})")
 
 
 def scalars(report):

@@ -14,23 +14,30 @@ Every argument can also come from a JSON or YAML file, with the same defaults: `
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+
+if __name__ == "__main__" and os.environ.get("LOCAL_RANK", "0") == "0":
+    print("finetune.py: importing torch and transformers ...", file=sys.stderr, flush=True)  # seconds, before any log
 
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 
 import corpus
+from backbones import load_tokenizer
 from batching import DurationBatchSampler, SpeechCollator, padding_fraction
-from checkpoints import hold_output_dir, resolve_resume
+from checkpoints import checkpoint_step, hold_output_dir, resolve_resume
 from dataset import CachedFeatureDataset, FeatureCache, SpeechDataset, StreamingSpeechDataset
 from decoding import decoding_name
-from efficiency import RunEfficiency, process_start, scalars, summary_line
+from efficiency import RunEfficiency, fast_on_cpu, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
+from processor import chat_prompt_template
 from text import WER_NORMALIZERS
 from trainer import NonFiniteTraining, SlamASRTrainer, StopDuringEvaluation
 
@@ -45,6 +52,8 @@ AUTO_WORKERS = -1  # --dataloader_num_workers' default: chosen for the device on
 class ModelArguments:
     """How the backbones load; what the model is, is SlamASRConfig (model.py), parsed from the same command line."""
 
+    _argument_group_name = "loading the backbones"
+
     trust_remote_code: bool = field(default=False,
                                     metadata={"help": "Allow backbones whose hub repo ships its own code."})
     attn_implementation: str | None = field(default=None, metadata={
@@ -54,6 +63,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data, evaluation and speed (finetune.py's own)"
+
     librispeech_dir: str | None = field(default=None, metadata={
         "help": "Local LibriSpeech root holding split folders (openslr layout)."})
     dataset_name: str | None = field(default=None, metadata={
@@ -108,6 +119,23 @@ class DataArguments:
                 "in a collective that --ddp_timeout (30 min) ends, too soon for a first download of 960 h."})
 
 
+@dataclass
+class TrainingArguments(Seq2SeqTrainingArguments):
+    """Hugging Face's, unchanged but for their --help group: after ours, which a user looks for first."""
+
+    _argument_group_name = "the Hugging Face Trainer (Seq2SeqTrainingArguments)"
+
+
+HELP = {  # Trainer's options whose --help says less than what they do here
+    "resume_from_checkpoint": "`last` (the newest intact checkpoint in --output_dir) or a checkpoint-N folder: go on "
+                              "with the same command from there.",
+    "dataloader_num_workers": "Loader processes per GPU process; -1 (the default): none on a CPU (the step's own "
+                              "threads use every core), min(4, cores per process) with GPUs.",
+    "warmup_steps": "Linear warm-up: a step count, or below 1 a share of the run (default 0.05: 5%%, so that a short "
+                    "run trains too; script.sh uses 1000 of ~26,000).",
+}
+
+
 def arguments(argv):
     """The run's arguments, parsed, checked and fitted to the device: what main() starts from."""
     config, model_args, data_args, training_args = parse_args(argv)
@@ -119,11 +147,16 @@ def arguments(argv):
 def parse_args(argv):
     """SlamASRConfig, our two dataclasses and Seq2SeqTrainingArguments, from the command line or a JSON/YAML file
     (then the command line's overrides), with the same defaults either way, and the settings they imply."""
-    parser = HfArgumentParser((SlamASRConfig, ModelArguments, DataArguments, Seq2SeqTrainingArguments))
-    # defaults this model needs (each still overridable where it makes sense)
-    parser.set_defaults(output_dir="output", report_to="tensorboard", learning_rate=1e-4, warmup_steps=1000,
+    parser = HfArgumentParser((SlamASRConfig, ModelArguments, DataArguments, TrainingArguments),
+                              usage="finetune.py [ARGS.json|ARGS.yaml] [--OPTION VALUE ...]  (ours first below)")
+    for action in parser._actions:
+        action.help = HELP.get(action.dest, action.help)
+    # defaults this model needs (each still overridable where it makes sense): a warm-up of 5% of the run, so that a
+    # short run trains too; the loss at step 1 as well, so that every run shows one; the CPU where there is no GPU
+    parser.set_defaults(output_dir="output", report_to="tensorboard", learning_rate=1e-4, warmup_steps=0.05,
                         lr_scheduler_type="linear", eval_strategy="steps", eval_steps=1000, save_steps=1000,
-                        save_total_limit=3, logging_steps=50, predict_with_generate=True, do_train=True,
+                        save_total_limit=3, logging_steps=50, logging_first_step=True,
+                        use_cpu=not torch.cuda.is_available(), predict_with_generate=True, do_train=True,
                         do_eval=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
                         prediction_loss_only=True,
                         dataloader_num_workers=AUTO_WORKERS, dataloader_persistent_workers=True)
@@ -132,19 +165,16 @@ def parse_args(argv):
         # defaults above and takes overrides after it, exactly as the command line does. (HfArgumentParser's
         # parse_json_file/parse_yaml_file fill the dataclasses from the file alone, without set_defaults; its
         # args_filename/args_file_flag read command-line words, not JSON or YAML.)
-        with open(argv[0], encoding="utf-8") as f:
-            if argv[0].endswith(".json"):
-                values = json.load(f)
-            else:
-                import yaml
-
-                values = yaml.safe_load(f)
-        known = {spec.name for dataclass_type in parser.dataclass_types for spec in fields(dataclass_type) if spec.init}
-        if not isinstance(values, dict):
-            raise ValueError(f"{argv[0]} must hold a mapping of argument names to values")
-        if set(values) - known:
-            raise ValueError(f"{argv[0]}: unknown arguments {sorted(set(values) - known)} (python finetune.py --help "
-                             "lists them)")
+        values = read_args_file(argv[0])
+        specs = {spec.name: spec for dataclass_type in parser.dataclass_types for spec in fields(dataclass_type)
+                 if spec.init}
+        if set(values) - set(specs):
+            raise ValueError(f"{argv[0]}: unknown arguments {sorted(set(values) - set(specs))} (python finetune.py "
+                             "--help lists them)")
+        for name, value in values.items():  # argparse converts what it reads, never a default it is given
+            problem = type_problem(value, specs[name].type)
+            if problem:
+                raise ValueError(f"{argv[0]}: {name} is {value!r}, {problem}")
         parser.set_defaults(**values)
         argv = argv[1:]
     config, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
@@ -157,6 +187,48 @@ def parse_args(argv):
         training_args.eval_strategy = "no"
         training_args.do_eval = False
     return config, model_args, data_args, training_args
+
+
+def read_args_file(path):
+    """The mapping in a JSON or YAML args file, or one line that names the file and what is wrong."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:  # json's errors are ValueErrors
+        raise ValueError(f"{path} cannot be read as {'JSON' if path.endswith('.json') else 'YAML'}: "
+                         f"{' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values")
+    return values
+
+
+def type_problem(value, annotation):
+    """Why `value` does not fit a dataclass field of type `annotation` (int, float, str, bool, or those or None;
+    other types are left to the dataclass itself), or None."""
+    import types
+    import typing
+
+    allowed = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) else {annotation}
+    if value is None and type(None) in allowed:
+        return None
+    simple = allowed & {int, float, str, bool}
+    if not simple or not allowed - {type(None)} <= {int, float, str, bool}:
+        return None
+    if isinstance(value, bool):  # before int: True is an int to Python
+        fits = bool in simple
+    elif isinstance(value, int):
+        fits = bool({int, float} & simple)
+    else:
+        fits = isinstance(value, float) and float in simple or isinstance(value, str) and str in simple
+    names = " or ".join(sorted({int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+                               for t in simple) + (["null"] if type(None) in allowed else []))
+    return None if fits else f"it should be {names}"
+
+
+# floats that may be infinite: no upper bound on a clip's duration; every other float must be finite
+MAY_BE_INFINITE = {"max_duration"}
 
 
 def validate_args(data_args, training_args):
@@ -188,6 +260,11 @@ def validate_args(data_args, training_args):
                          "no data: pass --librispeech_dir, --dataset_name or --train_manifest")
     if data_args.eval_split and data_args.eval_manifest:
         raise ValueError("--eval_split and --eval_manifest: evaluate on one of them")
+    if data_args.eval_split and data_args.eval_split == data_args.train_split or (
+            data_args.eval_manifest and data_args.train_manifest
+            and os.path.realpath(data_args.eval_manifest) == os.path.realpath(data_args.train_manifest)):
+        raise ValueError("the evaluation data is the training data: its WER would measure memorization, not "
+                         "recognition; evaluate on a held-out split (--eval_split '' for none)")
     if data_args.train_manifest and data_args.eval_split:
         raise ValueError(f"--eval_split {data_args.eval_split} names a split of --librispeech_dir or --dataset_name: "
                          "with --train_manifest, evaluate on --eval_manifest (or on nothing)")
@@ -195,10 +272,27 @@ def validate_args(data_args, training_args):
         raise ValueError("--dataset_name needs --eval_split (openslr/librispeech_asr: validation with "
                          "--dataset_config clean or other, validation.clean with all), or --eval_split '' for "
                          "no evaluation")
+    # numbers that are not numbers (NaN turns clipping off and puts every clip in one batch; inf trains to NaN)
+    for args in (data_args, training_args):
+        for spec in fields(args):
+            value = getattr(args, spec.name)
+            if isinstance(value, float) and not (math.isfinite(value) or spec.name in MAY_BE_INFINITE
+                                                 and value == math.inf):
+                raise ValueError(f"--{spec.name} {value}: must be a finite number")
     # numbers that would waste a run (an untrained adapter, a crash at the first evaluation), refused by name
     t, d = training_args, data_args
     ranges = [
-        ("max_steps", t.max_steps, t.max_steps != 0, "a step count, or -1 to train --num_train_epochs"),
+        ("max_steps", t.max_steps, t.max_steps == -1 or t.max_steps > 0,
+         "a step count, or -1 to train --num_train_epochs"),
+        ("learning_rate", t.learning_rate, t.learning_rate > 0, "> 0"),
+        ("gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1, ">= 1"),
+        ("max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+        ("warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0 (below 1: a share of the run)"),
+        ("weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        *((name, getattr(t, name), getattr(t, name) > 0, "> 0 (below 1: a share of the run)")
+          for name in ("logging_steps", "eval_steps", "save_steps") if getattr(t, name) is not None),
+        ("dataloader_num_workers", t.dataloader_num_workers, t.dataloader_num_workers >= AUTO_WORKERS,
+         ">= 0, or -1 for the device's default"),
         ("num_train_epochs", t.num_train_epochs, t.max_steps > 0 or t.num_train_epochs > 0, "> 0, or set --max_steps"),
         ("per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, ">= 1"),
         ("per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, ">= 1"),
@@ -214,16 +308,30 @@ def validate_args(data_args, training_args):
     wrong = [f"--{name} {value:g} (must be {rule})" for name, value, ok, rule in ranges if not ok]
     if wrong:
         raise ValueError("out of range: " + "; ".join(wrong))
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by accelerate launch --mixed_precision
+    asked = "fp16" if training_args.fp16 else "bf16" if training_args.bf16 else "no"
+    if launched is not None and launched != asked:  # Trainer would autocast to the launcher's over our backbones
+        says = f"--{asked}" if asked != "no" else "runs in float32"
+        raise ValueError(f"accelerate launch --mixed_precision {launched}, but finetune.py {says}: say one precision "
+                         "(script.sh: PRECISION=fp16, bf16 or no)")
     if data_args.max_batch_seconds is not None:
         if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
             raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "
                              "--group_by_length")
     if training_args.push_to_hub:
+        from huggingface_hub import get_token
+
         if not training_args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id NAME (user/repo): the repo the adapter goes to")
         if training_args.hub_strategy != "every_save" or training_args.hub_always_push:
             raise ValueError("--hub_strategy / --hub_always_push: finetune.py publishes the final adapter once, at "
                              "the end of the run; leave them unset")
+        # found now, not after hours of training
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise ValueError("--push_to_hub with HF_HUB_OFFLINE set: the adapter could not be uploaded at the end; "
+                             "unset HF_HUB_OFFLINE, or drop --push_to_hub and upload OUTPUT_DIR/hub later")
+        if not (training_args.hub_token or get_token()):
+            raise ValueError("--push_to_hub needs a Hugging Face token: `hf auth login` first, or pass --hub_token")
 
 
 def apply_device_defaults(training_args):
@@ -258,8 +366,12 @@ def run(config, model_args, data_args, training_args, efficiency=None):
     # 2. Logging, on the main process only at full volume
     setup_logging(training_args)
     transformers.set_seed(training_args.seed)
+    warn_precision(training_args)
 
-    # 3. Resume (from a checkpoint of this very config), or refuse to mix runs
+    # 3. What needs no model, first: the data sources exist, the prompt (the LLM's chat template, rendered, unless
+    # given: its tokenizer alone), and what to resume from (a checkpoint of this very config), or a refusal
+    check_data_sources(data_args)
+    config = with_rendered_prompt(config, model_args)
     resume = resolve_resume(training_args, config)
 
     # 4. Model: frozen backbones in the training precision, the adapter in float32, the eval WER's decoding
@@ -290,20 +402,27 @@ def run(config, model_args, data_args, training_args, efficiency=None):
         wer_normalizer=data_args.wer_normalizer, max_nonfinite_steps=data_args.max_nonfinite_steps,
         max_batch_seconds=data_args.max_batch_seconds, efficiency=efficiency)
     if not data_args.streaming:
-        logger.info(f"train batches: {describe_batches(trainer)}")
+        line, batches_per_process = describe_batches(trainer)
+        logger.info(f"train batches: {line}")
+        warn_short_run(training_args, batches_per_process)
     result, code = train(trainer, resume, data_args, training_args)
     efficiency.lap("training")  # less the evaluations in it, which the trainer timed as such
     if code is not None:
         return code
 
-    # 7. Save the adapter at the top of output_dir, evaluate it, publish it
-    trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    # 7. Save the adapter at the top of output_dir, evaluate it (unless the last step was), publish it
+    try:
+        trainer.save_model()
+    except NonFiniteTraining as e:
+        logger.error(str(e))
+        return 1
+    if result is not None:
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     metrics = {}
     if training_args.do_eval:
-        metrics = trainer.evaluate()
+        metrics = final_evaluation(trainer)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     logger.info(f"adapter saved to {training_args.output_dir} (load it with SlamASR.load_adapter)")
@@ -464,14 +583,93 @@ def describe_batches(trainer):
             order, size = list(sampler), trainer._train_batch_size
             batches = [order[i:i + size] for i in range(0, len(order), size)]
     seconds = sum(durations[i] for b in batches for i in b)
-    return (f"{len(batches):,} batches per epoch{' per process' if isinstance(sampler, DurationBatchSampler) else ''}"
-            f", {sum(map(len, batches)) / len(batches):.1f} clips and {seconds / len(batches):.0f} audio s each on "
+    per_process = isinstance(sampler, DurationBatchSampler)
+    line = (f"{len(batches):,} batches per epoch{' per process' if per_process else ''}, "
+            f"{sum(map(len, batches)) / len(batches):.1f} clips and {seconds / len(batches):.0f} audio s each on "
             f"average, {100 * padding_fraction(durations, batches):.1f}% of the padded audio is padding")
+    return line, len(batches) if per_process else math.ceil(len(batches) / trainer.args.world_size)
+
+
+def warn_short_run(training_args, batches_per_process):
+    """Says at the start what a short run would otherwise show only at its end: that it never leaves its warm-up
+    (the learning rate never reaches --learning_rate) or logs no loss line."""
+    t = training_args
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(
+        math.ceil(batches_per_process / t.gradient_accumulation_steps) * t.num_train_epochs)
+    warmup = t.get_warmup_steps(steps)
+    if warmup >= steps:
+        logger.warning(f"this run of {steps} steps never leaves its warm-up of {warmup} steps (--warmup_steps "
+                       f"{t.warmup_steps:g}): the learning rate never reaches {t.learning_rate:g}; lower "
+                       "--warmup_steps (below 1 it is a share of the run)")
+    logging_steps = t.logging_steps if t.logging_steps >= 1 else math.ceil(steps * t.logging_steps)
+    if logging_steps > steps:
+        logger.warning(f"this run of {steps} steps logs its loss {'at step 1 only' if t.logging_first_step else 'never'}"
+                       f" (--logging_steps {t.logging_steps:g}): lower --logging_steps to see it fall")
+
+
+def warn_precision(training_args):
+    """Half precision where the device has no fast path for it runs slower than float32, not faster."""
+    dtype = training_dtype(training_args)
+    if training_args.device.type == "cpu" and not fast_on_cpu(dtype):
+        logger.warning(f"this CPU has no {str(dtype).replace('torch.', '')} matrix instructions (AVX512-BF16/-FP16 or "
+                       "AMX; /proc/cpuinfo lists none): its matmuls run several times slower than float32 here. "
+                       "Drop --bf16/--fp16 to train in float32")
+
+
+def check_data_sources(data_args):
+    """The data sources named exist (folders, the splits in them, manifest files that parse): found in a second,
+    not after the backbones' download."""
+    report = corpus.DataReport("check")
+    if data_args.librispeech_dir:
+        for split in {data_args.train_split, data_args.eval_split} - {None, ""}:
+            corpus.index_librispeech(data_args.librispeech_dir, split, report)
+    for flag, manifest in (("train_manifest", data_args.train_manifest), ("eval_manifest", data_args.eval_manifest)):
+        if manifest and not corpus.read_manifest(manifest, report):
+            raise ValueError(f"--{flag} {manifest}: no usable line (each is {{\"audio\": path, \"text\": ...}})")
+    if data_args.dataset_name and os.path.sep in data_args.dataset_name and not os.path.exists(data_args.dataset_name):
+        raise FileNotFoundError(f"--dataset_name {data_args.dataset_name}: no such folder")
+
+
+def with_rendered_prompt(config, model_args):
+    """`config` with its prompt written out: what the LLM tokenizer's chat template renders, unless one is given.
+    Done before anything else loads, so that a resume compares the prompt a checkpoint was trained with."""
+    if config.prompt_template is not None:
+        return config
+    tokenizer = load_tokenizer(config.llm, model_args.trust_remote_code)
+    return replace(config, prompt_template=chat_prompt_template(tokenizer))
+
+
+def finished(resume, training_args):
+    """Whether the checkpoint resumed from already reached --max_steps (a finished run started again): Trainer
+    would train past it, one step each time, when --max_steps is not a whole number of epochs."""
+    if resume is None or training_args.max_steps <= 0:
+        return False
+    return TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME)).global_step >= training_args.max_steps
+
+
+def final_evaluation(trainer):
+    """The metrics of the last step's evaluation, which Trainer runs at the end of a step-based run (read back from
+    the log), or a new evaluation where there was none."""
+    step = trainer.state.global_step
+    logged = {k: v for entry in trainer.state.log_history if entry.get("step") == step
+              for k, v in entry.items() if k.startswith("eval_")}
+    return logged if logged else trainer.evaluate()
 
 
 def train(trainer, resume, data_args, training_args):
     """trainer.train, then what the data did (all ranks): (Trainer's result, None), or (None, exit code) for a
-    run that stopped early (1: NaN/Inf; 143/130: SIGTERM/SIGINT, its checkpoint saved)."""
+    run that stopped early (1: NaN/Inf; 143/130: SIGTERM/SIGINT, its checkpoint saved); (None, None) where the
+    checkpoint resumed from had finished the run."""
+    if finished(resume, training_args):
+        logger.info(f"{resume} already reached --max_steps {training_args.max_steps}: nothing left to train")
+        trainer.load_adapter_weights(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
+        return None, None
+    if resume:
+        logger.info(f"resuming from {resume} at step "
+                    f"{TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME)).global_step}")
+        if trainer.efficiency is not None:  # the run's accounting goes on from the checkpoint's
+            trainer.efficiency.restore(resume, training_args.process_index)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except NonFiniteTraining as e:
@@ -489,6 +687,8 @@ def train(trainer, resume, data_args, training_args):
         return None, 128 + (signal.SIGINT if trainer.stop.received == "SIGINT" else signal.SIGTERM)
     # Trainer counts steps x nominal batch size; duration batches vary in size, so report what was trained on
     result.metrics["train_samples_per_second"] = round(stats.samples / result.metrics["train_runtime"], 3)
+    if resume:  # Trainer's runtime and loss cover this segment; efficiency.json covers the whole run
+        result.metrics["resumed_from_step"] = checkpoint_step(resume)
     return result, None
 
 
@@ -550,7 +750,7 @@ base_model:
 - {c.llm}
 {datasets}---
 
-# {t.hub_model_id}
+# {t.hub_model_id}{f" (revision `{t.hub_revision}`)" if t.hub_revision else ""}
 
 A SLAM-ASR adapter ([Ma et al. 2024](https://arxiv.org/abs/2402.08846)): the frozen speech encoder `{c.encoder}` and
 the frozen LLM `{c.llm}`, bridged by a trained `{c.adapter}` adapter ({adapter_parameters:,} parameters; `downsample`
@@ -580,14 +780,30 @@ Its token ids are in `prompt_ids.json`; the decoding options in `generation_conf
 
 ```python
 from model import SlamASR  # model.py of the SLAM-ASR trainer this adapter was made with
-model = SlamASR.load_adapter("{t.hub_model_id}")
+model = SlamASR.load_adapter("{t.hub_model_id}{'@' + t.hub_revision if t.hub_revision else ''}")
 print(model.transcribe([audio])[0])  # audio: 1-D float array at {model.sampling_rate} Hz
 ```
 """
 
 
+def die_with_launcher():
+    """Under a launcher (accelerate launch, torchrun), a SIGTERM when the launcher dies: a killed launcher would
+    otherwise leave this process computing, orphaned; the signal saves a checkpoint and stops, as a preemption."""
+    if "LOCAL_RANK" in os.environ and sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 if __name__ == "__main__":
-    code = main(efficiency=RunEfficiency(start=process_start()))
+    die_with_launcher()
+    try:
+        code = main(efficiency=RunEfficiency(start=process_start()))
+    except (ValueError, OSError, RuntimeError) as e:  # a user's mistake: one line (SLAM_ASR_DEBUG=1: the traceback)
+        if os.environ.get("SLAM_ASR_DEBUG"):
+            raise
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        code = 2
     if torch.distributed.is_initialized():
         # leave together: a rank that exits while its peer still holds the gloo/NCCL group can abort
         torch.distributed.barrier()

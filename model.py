@@ -126,6 +126,8 @@ class SlamASRConfig:
     """The model: which backbones, which adapter, which prompt. Parsed as command-line flags by finetune.py
     (each field's help is its --help) and saved with every adapter as slam_asr_config.json."""
 
+    _argument_group_name = "the model (SlamASRConfig, saved with the adapter)"  # finetune.py --help's first group
+
     encoder: str = field(default="facebook/hubert-large-ls960-ft", metadata={
         "help": "Speech encoder: hub name or local folder of HuBERT, WavLM, wav2vec2, data2vec-audio or Whisper "
                 "(a whole Whisper checkpoint: its encoder is kept; clips of at most 30 s), or 'tiny' (random, "
@@ -144,6 +146,10 @@ class SlamASRConfig:
 
     def __post_init__(self):
         # Checked here, before any download, so that a typo costs a second and not a 5 GB fetch.
+        for name in ("encoder", "llm", "adapter", "prompt_template"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "prompt_template" and value is None):
+                raise ValueError(f"{name} must be a string, got {value!r}")
         count = 1 if self.prompt_template is None else self.prompt_template.count(SPEECH_PLACEHOLDER)
         if count != 1:
             raise ValueError(
@@ -200,22 +206,50 @@ class SlamASROutput(ModelOutput):
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROMPT_IDS_NAME, GENERATION_CONFIG_NAME, BOUNDS_NAME)
 
 
-def resolve_adapter_dir(name_or_path):
-    """A local adapter folder as it is; anything else is a hub repo id, fetched (adapter files only) through
-    huggingface_hub, so that its cache, HF_HUB_OFFLINE and HF_TOKEN work as everywhere else."""
+def resolve_adapter_dir(name_or_path, revision=None):
+    """A local adapter folder as it is; anything else is a hub repo id (`repo@revision` names a branch, tag or
+    commit, as `revision` does), fetched (adapter files only) through huggingface_hub, so that its cache,
+    HF_HUB_OFFLINE and HF_TOKEN work as everywhere else. Files served from the cache are checked against the
+    hashes the hub gave them: a blob damaged in place is refused, not loaded."""
     if os.path.isdir(name_or_path):
         return str(name_or_path)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    repo, _, at = str(name_or_path).partition("@")
+    if at and revision and at != revision:
+        raise ValueError(f"{name_or_path} and --adapter_revision {revision} name two revisions: give one")
     try:
-        return snapshot_download(str(name_or_path), allow_patterns=list(ADAPTER_FILES))
+        folder = snapshot_download(repo, revision=revision or at or None, allow_patterns=list(ADAPTER_FILES))
     except HFValidationError:
         raise FileNotFoundError(f"{name_or_path} is neither an adapter folder nor a hub repo id") from None
     except Exception as e:  # not on the hub, not in the cache while offline, no network, no access
         raise OSError(f"{name_or_path} is not a local folder, and the hub repo of that name could not be fetched "
                       f"({type(e).__name__}: {e}). Offline, the adapter must be in the hub cache (HF_HOME) or "
                       "given as a folder.") from None
+    verify_snapshot(folder, name_or_path)
+    return folder
+
+
+def verify_snapshot(folder, name):
+    """Each file of a hub snapshot against the name of the blob it links to: the sha256 of its content (files
+    the hub keeps in LFS) or its git blob sha1 (small files)."""
+    import hashlib
+
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        blob = os.path.realpath(path)
+        if not os.path.exists(blob):
+            raise OSError(f"{name}: {entry} in the hub cache links to a missing blob ({blob}; an interrupted "
+                          f"download?): delete {folder} and fetch it again")
+        with open(blob, "rb") as f:
+            content = f.read()
+        expected = os.path.basename(blob)
+        found = (hashlib.sha256(content).hexdigest() if len(expected) == 64 else
+                 hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest() if len(expected) == 40 else expected)
+        if found != expected:
+            raise ValueError(f"{name}: {entry} in the hub cache does not match its hash (the file was changed or "
+                             f"damaged after download): delete {blob} and fetch it again")
 
 
 def checked_clip(audio, name, sampling_rate):
@@ -284,6 +318,9 @@ class SlamASR(nn.Module):
         # decoding options (decoding.py), saved beside the adapter: the library's, and our two bounds
         self.generation_config = GenerationConfig(max_new_tokens=200, num_beams=1, do_sample=False,
                                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=self.pad_id)
+        # The LLM's own max_length (TinyLlama's says 2048) would be merged into every generate call beside our
+        # max_new_tokens, with a warning each time: ours alone bound decoding.
+        llm.generation_config.max_length = None
         self.decoding_bounds = DecodingBounds()
         self.train(False)
 
@@ -498,6 +535,9 @@ class SlamASR(nn.Module):
         weights = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
         path = os.path.join(directory, WEIGHTS_NAME)
         save_file(weights, path + ".tmp", metadata={"format": "pt", "adapter": self.config.adapter})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path + ".tmp", 0o666 & ~umask)  # safetensors writes 0600; a teammate must be able to read it
         os.replace(path + ".tmp", path)
         write_text_atomic(os.path.join(directory, CONFIG_NAME), self.config.to_json_string())
         write_text_atomic(os.path.join(directory, GENERATION_CONFIG_NAME), self.generation_config.to_json_string())
@@ -506,12 +546,12 @@ class SlamASR(nn.Module):
 
     @classmethod
     def load_adapter(cls, directory, encoder=None, llm=None, tokenizer=None, feature_extractor=None,
-                     torch_dtype=None, trust_remote_code=False, attn_implementation=None):
+                     torch_dtype=None, trust_remote_code=False, attn_implementation=None, revision=None):
         """Rebuilds a SlamASR from an adapter directory or hub repo id: the backbones named in its config
         unless given (in `torch_dtype`, with `attn_implementation`: see backbones.load_backbones), the prompt ids
         and decoding options saved with it, and the adapter loaded strictly (every tensor present, no extra,
         same shapes, finite)."""
-        directory = resolve_adapter_dir(directory)
+        name, directory = directory, resolve_adapter_dir(directory, revision)
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         for path in (config_path, weights_path):
@@ -519,7 +559,9 @@ class SlamASR(nn.Module):
                 raise FileNotFoundError(
                     f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
                     "as written by SlamASR.save_adapter or finetune.py (its output_dir or a checkpoint-N in it)"
-                )
+                    if os.path.isdir(name) else
+                    f"the hub repo {name} has no {os.path.basename(path)}: it is not a SLAM-ASR adapter repo (one holds "
+                    f"{', '.join(ADAPTER_FILES)}, as finetune.py --push_to_hub uploads them), or not at that revision")
         # every field must be in a saved config: a default filled in silently (another prompt) is another model
         config = SlamASRConfig.from_json_file(config_path, complete=True)
         try:

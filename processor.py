@@ -53,14 +53,22 @@ def chat_prompt_template(tokenizer):
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the LLM's tokenizer ({getattr(tokenizer, 'name_or_path', '')!r}) has no chat template "
                          f"(not a chat model?): pass --prompt_template with one {SPEECH_PLACEHOLDER}")
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
+    source = f"the chat template of the LLM {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'} (its " \
+             "chat_template.jinja or tokenizer_config.json)"
     turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_PROMPT}]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"{source} is not a valid Jinja template ({e}, line {e.lineno}): fix it, or pass "
+                         f"--prompt_template with one {SPEECH_PLACEHOLDER}") from None
     except TemplateError:  # templates without a system role (Gemma's) refuse it: the instruction goes first
         turns = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n{USER_PROMPT}"}]
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    if text.count(SPEECH_PLACEHOLDER) != 1:
+        raise ValueError(f"{source} renders {text.count(SPEECH_PLACEHOLDER)} {SPEECH_PLACEHOLDER} placeholders where "
+                         f"the user turn holds one: fix the template, or pass --prompt_template with one")
     if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
         text = text[len(tokenizer.bos_token):]  # the tokenizer adds its BOS itself (Llama 3's template writes it)
     return text

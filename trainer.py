@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import inference
+from audio import DataError
 from batching import DataStats, DurationBatchSampler
 from checkpoints import clear_stale_checkpoint, mark_complete, rotate_checkpoints
 from dataset import StreamingSpeechDataset
@@ -94,6 +95,17 @@ class CompleteCheckpoints(TrainerCallback):
             rotate_checkpoints(args.output_dir, self.save_total_limit, keep=path, best=state.best_model_checkpoint)
 
 
+class EvaluateOnResume(TrainerCallback):
+    """A run stopped while evaluating a step (its checkpoint written first) evaluates that step when it resumes,
+    before training on: Trainer's own eval_on_start, asked for only then."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        evaluated = {entry.get("step") for entry in state.log_history if any(k.startswith("eval_") for k in entry)}
+        args.eval_on_start = bool(state.global_step and args.eval_strategy == "steps" and state.eval_steps
+                                  and state.global_step % state.eval_steps == 0
+                                  and state.global_step not in evaluated)
+
+
 class NonFiniteTraining(RuntimeError):
     pass
 
@@ -119,13 +131,16 @@ class SlamASRTrainer(Trainer):
         # user's checkpoint-best along: it gets no limit, and CompleteCheckpoints applies ours.
         complete = CompleteCheckpoints(args.save_total_limit)
         args.save_total_limit = None
-        super().__init__(model=model, args=args, callbacks=[*(callbacks or []), self.stop, complete], **kwargs)
+        super().__init__(model=model, args=args, callbacks=[*(callbacks or []), self.stop, complete,
+                                                             EvaluateOnResume()], **kwargs)
         self.wer_dataset = wer_dataset
         self.wer_normalizer = wer_normalizer
         self.max_nonfinite_steps = max_nonfinite_steps
         self.efficiency = efficiency
         self.data_stats = DataStats()  # this rank's; finetune.py sums the ranks at the end
         self.nonfinite_steps = self.consecutive_nonfinite = 0
+        self.saved_step = None  # the step of the checkpoint written last
+        self.last_evaluation = None  # (step, metrics)
 
     # --- loss, data bookkeeping, non-finite steps ------------------------------------------------------------
 
@@ -206,9 +221,18 @@ class SlamASRTrainer(Trainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         output_dir = output_dir or self.args.output_dir
+        adapter = self.accelerator.unwrap_model(self.model).adapter
+        if not all(torch.isfinite(p).all() for p in adapter.parameters()):
+            raise NonFiniteTraining(f"the adapter's weights hold NaN/Inf at step {self.state.global_step}: nothing "
+                                    f"saved to {output_dir} (training diverged; the last checkpoint is intact). Try a "
+                                    "lower --learning_rate.")
         if _internal_call:  # the first write of a checkpoint (Trainer._save_checkpoint)
+            self.saved_step = self.state.global_step
             clear_stale_checkpoint(output_dir, self.args.should_save)
             self.accelerator.wait_for_everyone()  # gone before any rank writes into it
+            if self.efficiency is not None:  # what the run cost so far, for a resume to go on counting from
+                os.makedirs(output_dir, exist_ok=True)
+                self.efficiency.save(output_dir, self.args.process_index)
         if self.args.should_save:
             self.accelerator.unwrap_model(self.model).save_adapter(output_dir)
 
@@ -224,36 +248,48 @@ class SlamASRTrainer(Trainer):
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
-    def _load_adapter_weights(self, directory):
+    def load_adapter_weights(self, directory):
         model = self.accelerator.unwrap_model(self.model)
         loaded = SlamASR.load_adapter(directory, model.encoder, model.llm, model.tokenizer, model.feature_extractor)
         model.adapter.load_state_dict(loaded.adapter.state_dict(), strict=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        self._load_adapter_weights(resume_from_checkpoint)
+        self.load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self):
-        self._load_adapter_weights(self.state.best_model_checkpoint)
+        self.load_adapter_weights(self.state.best_model_checkpoint)
 
     # --- evaluation: loss from Trainer, WER from real generation ---------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.is_in_train and self.control.should_save:
+            # Trainer saves after evaluating: a checkpoint due at this step is written first, so that an evaluation
+            # that fails (out of memory in generation, say) or is stopped cannot lose the steps since the last one
+            self.save_checkpoint_now()
+            self.control.should_save = False
         timed = self.efficiency.phase("evaluation") if self.efficiency is not None else contextlib.nullcontext()
         try:
             with timed:
-                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+                try:
+                    metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+                except DataError as e:  # every eval clip bad: the WER below reports them one by one
+                    logger.warning(f"eval loss left out: {e}")
+                    metrics = {}
                 if self.wer_dataset is not None:
                     wer = {f"{metric_key_prefix}_{k}": v for k, v in self.generate_and_score().items()}
                     self.log(wer)
                     metrics.update(wer)
         except StopDuringEvaluation:
-            # Trainer would save only after this evaluation and the next step: save now, on every rank (they
-            # agreed to stop at this batch), then leave train()
-            if self.is_in_train:
-                self._save_checkpoint(self.model, trial=None)
-                self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+            # save now, on every rank (they agreed to stop at this batch), then leave train()
+            if self.is_in_train and self.saved_step != self.state.global_step:
+                self.save_checkpoint_now()
             raise
+        self.last_evaluation = (self.state.global_step, metrics)
         return metrics
+
+    def save_checkpoint_now(self):
+        self._save_checkpoint(self.model, trial=None)
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
     def generate_and_score(self):
         """Transcribes the WER clips (sharded over ranks) with the model's decoding options, writes the
@@ -282,6 +318,12 @@ class SlamASRTrainer(Trainer):
         failed = [(r.id, t.error) for r, t in zip(records, results) if t.error is not None]
         rows = gather_object(rows) if world > 1 else rows
         failed = gather_object(failed) if world > 1 else failed
+        if failed:
+            logger.warning(f"eval WER: {len(failed)} clips could not be read and were left out, e.g. {failed[0]}")
+        beams = model.generation_config.num_beams
+        if not rows:  # NaN, not 0%: no clip was scored (and Trainer's best-model tracking takes NaN)
+            logger.warning("eval WER: no clip could be read; WER not measured at this step")
+            return {"wer": float("nan"), "wer_unreadable_clips": len(failed), "wer_num_beams": beams}
         scores = word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows], self.wer_normalizer)
         if self.args.should_save:
             path = os.path.join(self.args.output_dir, f"predictions_step{self.state.global_step}.jsonl")
@@ -289,12 +331,10 @@ class SlamASRTrainer(Trainer):
             with open(path, "w", encoding="utf-8") as f:
                 for row in sorted(rows, key=lambda r: r["id"]):
                     f.write(json.dumps(row) + "\n")
-            if failed:
-                logger.warning(f"eval WER: {len(failed)} clips could not be read and were left out, e.g. {failed[0]}")
-        beams = model.generation_config.num_beams
         logger.info(f"eval {wer_line(scores, decoding_name(beams))}; {len(rows)} clips")
         return {"wer": scores["wer"], "wer_substitutions": scores["substitutions"],
-                "wer_deletions": scores["deletions"], "wer_insertions": scores["insertions"], "wer_num_beams": beams}
+                "wer_deletions": scores["deletions"], "wer_insertions": scores["insertions"],
+                "wer_unreadable_clips": len(failed), "wer_num_beams": beams}
 
 
 # The private Trainer methods overridden above, with the parameters they have in the transformers this was

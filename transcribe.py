@@ -40,7 +40,9 @@ from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, r
 from processor import write_text_atomic
 from text import WER_NORMALIZERS, wer_line, word_error_rate
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3"}
+# what soundfile (libsndfile) decodes, by file name; other files in a folder are counted as skipped
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd", ".caf",
+                  ".w64", ".rf64"}
 
 
 def collect_inputs(args):
@@ -50,8 +52,11 @@ def collect_inputs(args):
     records = []
     for item in args.inputs:
         path = Path(item)
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else [path]
-        records += [corpus.Record(id=str(p), text=None, path=str(p)) for p in files]
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for other in (p for p in files if path.is_dir() and p.suffix.lower() not in AUDIO_SUFFIXES):
+            report.add(f"not an audio file by its name (not one of {', '.join(sorted(AUDIO_SUFFIXES))})", other)
+        records += [corpus.Record(id=str(p), text=None, path=str(p)) for p in files
+                    if not path.is_dir() or p.suffix.lower() in AUDIO_SUFFIXES]
     if args.manifest:
         records += corpus.read_manifest(args.manifest, report, require_text=False)
     if args.librispeech_dir:
@@ -61,9 +66,11 @@ def collect_inputs(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="audio files (wav/flac/ogg/mp3, any rate and channel count) or folders")
-    p.add_argument("--adapter",
-                   help="adapter folder written by finetune.py or save_adapter, or a hub repo id holding one")
+    p.add_argument("inputs", nargs="*", help="audio files (wav/flac/ogg/mp3/aiff/au..., any rate and channel count) "
+                   "or folders")
+    p.add_argument("--adapter", help="adapter folder written by finetune.py or save_adapter, or a hub repo id holding "
+                   "one (repo@revision for a branch, tag or commit)")
+    p.add_argument("--adapter_revision", help="the hub revision of --adapter (a branch, tag or commit)")
     p.add_argument("--rescore", metavar="JSONL", help="score the reference/hypothesis (or text) lines of an earlier "
                    "output or a finetune.py predictions file again, without decoding")
     p.add_argument("--normalizer", default="whisper", choices=list(WER_NORMALIZERS),
@@ -72,8 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--output", help="JSON-lines output (default: print the lines)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
-                          help="skip the inputs whose path already has a line in --output (error lines too: delete "
-                               "those to retry them) and append the rest")
+                          help="skip the inputs that already have a line in --output (by resolved path and place among "
+                               "repeats; error lines too: delete those to retry them) and append the rest; refused "
+                               "where the lines were written with another adapter")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--manifest", help='JSON-lines manifest, {"audio": path, "text": reference (optional)} per line')
     p.add_argument("--librispeech_dir", help="LibriSpeech root; score the split named by --split")
@@ -98,7 +106,13 @@ def parse_args(argv=None):
                    help="attention kernel of both backbones (default: transformers' choice, sdpa)")
     args = p.parse_args(argv)
     if args.rescore:
+        given = [f"--{name}" for name in ("adapter", "output", "manifest", "librispeech_dir", "resume", "overwrite")
+                 if getattr(args, name)] + (["input files"] if args.inputs else [])
+        if given:
+            p.error(f"--rescore scores its file alone, with no model: drop {', '.join(given)}")
         return args
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if not args.adapter:
         p.error("--adapter is required (or --rescore, to score an earlier output again)")
     if not (args.inputs or args.manifest or args.librispeech_dir):
@@ -125,7 +139,9 @@ def output_problem(args):
     if not args.output:
         return f"--{'resume' if args.resume else 'overwrite'} needs --output" if args.resume or args.overwrite else None
     out = Path(args.output).resolve()
-    if out in {Path(p).resolve() for p in [*args.inputs, args.manifest] if p}:
+    inputs = [Path(p) for p in [*args.inputs, args.manifest] if p]
+    if out in {p.resolve() for p in inputs} or out.exists() and any(p.exists() and os.path.samefile(out, p)
+                                                                    for p in inputs):  # a hard link too
         return f"--output {args.output} is one of the inputs: it would be overwritten; name another file"
     if out.is_dir():
         return f"--output {args.output} is a folder; name a file in it, such as {Path(args.output) / 'preds.jsonl'}"
@@ -139,9 +155,27 @@ def output_problem(args):
     return None
 
 
-def read_output(path):
+def adapter_identity(args):
+    """What --output's lines record as their adapter: its resolved folder, or repo@revision on the hub."""
+    if os.path.isdir(args.adapter):
+        return os.path.realpath(args.adapter)
+    repo, _, revision = args.adapter.partition("@")
+    return f"{repo}@{args.adapter_revision or revision or 'main'}"
+
+
+def input_keys(paths):
+    """(resolved path, its place among earlier inputs of that file) for each path: one file under two spellings
+    is one input, and one listed twice is two."""
+    seen = {}
+    for path in paths:
+        resolved = os.path.realpath(path)
+        seen[resolved] = seen.get(resolved, -1) + 1
+        yield resolved, seen[resolved]
+
+
+def read_output(path, adapter):
     """The lines already in --output, for --resume. A last line without its newline was cut short by a kill: it
-    is removed (its input is transcribed again)."""
+    is removed (its input is transcribed again). Lines another adapter wrote are refused: they would be mixed in."""
     if not os.path.exists(path):
         return []
     text = Path(path).read_text(encoding="utf-8")
@@ -160,6 +194,9 @@ def read_output(path):
         if not isinstance(row, dict) or not isinstance(row.get("path"), str):
             raise SystemExit(f"{path}:{lineno} is not a line transcribe.py writes ({line[:80]!r}); fix or delete "
                              "it, or use --overwrite to start over")
+        if row.get("adapter", adapter) != adapter:
+            raise SystemExit(f"{path}:{lineno} was written with the adapter {row['adapter']}, this run's is {adapter}: "
+                             "resume with that adapter, or write to another --output")
         rows.append(row)
     return rows
 
@@ -173,7 +210,7 @@ def decoding_options(args, generation_config, bounds):
 def load_model(args):
     """The adapter's model, with --encoder/--llm as the backbones where given and the decoding flags given."""
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else None)
-    adapter = resolve_adapter_dir(args.adapter)
+    adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
     backbones = {}
     if args.encoder or args.llm:
         config = SlamASRConfig.from_json_file(Path(adapter) / CONFIG_NAME)
@@ -184,6 +221,10 @@ def load_model(args):
     model = SlamASR.load_adapter(adapter, torch_dtype=dtype, attn_implementation=args.attn_implementation, **backbones)
     model.generation_config, model.decoding_bounds = decoding_options(args, model.generation_config,
                                                                       model.decoding_bounds)
+    window = model.processor.max_samples and model.processor.max_samples / model.sampling_rate
+    if window and args.chunk_seconds > window:  # Whisper's encoder takes one 30 s window at most
+        raise SystemExit(f"--chunk_seconds {args.chunk_seconds:g}: this adapter's encoder ({model.config.encoder}) "
+                         f"takes at most {window:g} s at a time; pass --chunk_seconds {window:g} or less")
     return model.to(args.device).eval()
 
 
@@ -191,7 +232,7 @@ def decoding(args, model=None):
     """How the WER was decoded, for the line that reports it: the model's options, or where every line was there
     already (--resume), the adapter's saved ones with the flags given."""
     if model is None:
-        adapter = resolve_adapter_dir(args.adapter)
+        adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
         saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
             GenerationConfig())
         generation_config, _ = decoding_options(args, saved, DecodingBounds())
@@ -211,8 +252,8 @@ def clip(record, sampling_rate, max_duration=None):
     return inference.Clip(seconds, partial(read_audio, record.path, sampling_rate))
 
 
-def output_row(record, transcript):
-    row = {"path": record.path}
+def output_row(record, transcript, adapter):
+    row = {"path": record.path, "adapter": adapter}
     row.update({"text": transcript.text} if transcript.error is None else {"error": transcript.error})
     if transcript.cuts:
         row["cuts"] = list(transcript.cuts)  # seconds at which a long input was cut into windows
@@ -224,10 +265,9 @@ def output_row(record, transcript):
 def write_in_input_order(path, rows, records):
     """Rewrites --output with its lines in input order (lines for paths that are not inputs of this run, from
     an earlier --resume'd run, last), written atomically: a kill leaves one whole file."""
-    order = {}
-    for i, r in enumerate(records):
-        order.setdefault(r.path, i)
-    rows = sorted(rows, key=lambda row: order.get(row["path"], len(records)))  # stable: repeats keep their order
+    order = {key: i for i, key in enumerate(input_keys(r.path for r in records))}
+    keys = list(input_keys(row["path"] for row in rows))
+    rows = [row for _, row in sorted(zip(keys, rows), key=lambda pair: order.get(pair[0], len(records)))]
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
@@ -246,7 +286,20 @@ def summarize(rows, output, decoded, normalizer):
 def rescore(path, normalizer):
     """WER of an earlier output's or a predictions file's lines, with no model: the figure again, under
     another normalizer, say."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    rows = []
+    with open(path, "rb") as f:
+        data = f.read()
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark starts some files
+            if text.strip():
+                rows.append(json.loads(text))
+        except UnicodeDecodeError:
+            raise SystemExit(f"{path}:{lineno}: not UTF-8 text; convert the file (iconv -f latin1 -t utf-8)") from None
+        except json.JSONDecodeError as e:
+            cut = lineno == data.count(b"\n") + 1 and not data.endswith(b"\n")
+            raise SystemExit(f"{path}:{lineno}: not a JSON line ({e.msg}{'; the file was cut short' if cut else ''}): "
+                             f"{text[:80]!r}") from None
     scored = [row for row in rows if isinstance(row, dict) and isinstance(row.get("reference"), str)
               and isinstance(row.get("hypothesis", row.get("text")), str)]
     if not scored:
@@ -267,9 +320,9 @@ def main(argv=None):
     if not records:
         print("nothing to transcribe", file=sys.stderr)
         return 1
-    rows = read_output(args.output) if args.resume else []
-    done = {row["path"] for row in rows}
-    todo = [r for r in records if r.path not in done]
+    rows = read_output(args.output, adapter_identity(args)) if args.resume else []
+    done = set(input_keys(row["path"] for row in rows))
+    todo = [r for r, key in zip(records, input_keys(r.path for r in records)) if key not in done]
     if args.resume:
         print(f"{args.output}: {len(rows)} lines already there; {len(todo)} of {len(records)} inputs to go",
               file=sys.stderr)
@@ -278,7 +331,7 @@ def main(argv=None):
         model = load_model(args)
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
         def write(index, transcript):
-            rows.append(output_row(todo[index], transcript))
+            rows.append(output_row(todo[index], transcript, adapter_identity(args)))
             out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
             out.flush()
 
@@ -298,6 +351,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except (ValueError, OSError, RuntimeError) as e:  # a user's mistake: one line (SLAM_ASR_DEBUG=1: the traceback)
+        if os.environ.get("SLAM_ASR_DEBUG"):
+            raise
+        print(f"transcribe.py: error: {e}", file=sys.stderr)
+        code = 2
     gc.freeze()  # skip the interpreter's last full garbage collection (1.2 s; see finetune.py)
     sys.exit(code)

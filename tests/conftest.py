@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -8,6 +10,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 # nor the user's Hugging Face home: the datasets cache and the measured matmul peaks go to a folder of their own
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="slam-asr-tests-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # leave no folder behind
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
@@ -224,3 +227,14 @@ def spliced_recording(path, seconds, seed=0):
 def build_dataset(name, records, report, hub_dataset=None, **clip_filter):
     """A SpeechDataset of `records` as finetune.py makes one: prepared (corpus.prepare) through a ClipFilter."""
     return SpeechDataset(prepare(name, records, report, ClipFilter(**clip_filter)), hub_dataset=hub_dataset)
+
+
+def scalar_tags(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for root, _, files in os.walk(out / "runs"):
+        if any("tfevents" in f for f in files):
+            acc = EventAccumulator(root)
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"])
+    return tags

@@ -82,3 +82,15 @@ def test_quiet_cuts_fall_in_the_pauses_and_tile_the_audio():
     quiet = np.zeros(70 * rate, np.float32)  # all silence: cut in the middle of each search stretch
     assert quiet_cuts(quiet, rate, max_seconds=30, search_seconds=5) == [
         (0, 27.5 * rate), (27.5 * rate, 55 * rate), (55 * rate, 70 * rate)]
+
+
+def test_channels_that_cancel_out_and_a_truncated_wav_are_refused(tmp_path, clip):
+    sf.write(tmp_path / "inverted.wav", np.stack([clip, -clip], axis=1), 16000)  # mixed, it would be silence
+    with pytest.raises(DataError, match="inverted.wav: its 2 channels cancel out when mixed to mono"):
+        read_audio(str(tmp_path / "inverted.wav"))
+    sf.write(tmp_path / "full.wav", clip, 16000, subtype="PCM_16")
+    data = (tmp_path / "full.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:len(data) // 2])  # a copy that stopped half way
+    for read in (read_audio, audio_duration):  # read at its surviving length, it would train on half the words
+        with pytest.raises(DataError, match="cut.wav: truncated"):
+            read(str(tmp_path / "cut.wav"))

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE, assert_padded_batch_matches_singles, overfit, read_split
+from conftest import (
+    FIXTURE,
+    assert_padded_batch_matches_singles,
+    overfit,
+    read_split,
+    tiny_args,
+)
 
 from backbones import encoder_kind
 from model import SlamASR, SlamASRConfig
@@ -183,7 +189,6 @@ def test_trains_saves_loads_and_transcribes(encoder_dirs, clips, kind, tmp_path)
 def test_whisper_through_finetune_with_the_feature_cache_and_transcribe(encoder_dirs, tmp_path, capsys):
     """The product path with Whisper's input_features: the collator's batch through the Trainer, the feature
     cache filled with each clip's own frames, then transcribe.py on the saved adapter."""
-    from test_finetune import tiny_args
 
     import finetune
     import transcribe
@@ -210,3 +215,56 @@ def test_whisper_through_finetune_with_the_feature_cache_and_transcribe(encoder_
     longer[longer.index("--encoder") + 1] = encoder_dirs["whisper"]
     with pytest.raises(ValueError, match="--max_duration 40: .* takes clips of at most 30 s"):  # before any step
         finetune.main(longer)
+
+
+def with_extractor(encoder_dirs, tmp_path, kind, extractor):
+    """A copy of the `kind` encoder's folder whose preprocessor_config.json is `extractor`'s."""
+    import shutil
+
+    folder = tmp_path / f"{kind}-mismatched"
+    shutil.copytree(encoder_dirs[kind], folder)
+    extractor.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind, extractor, message", [
+    ("wav2vec2", lambda tf: tf.WhisperFeatureExtractor(feature_size=80), "takes input_values, but its feature "
+     "extractor .WhisperFeatureExtractor. makes input_features"),
+    ("whisper", lambda tf: tf.Wav2Vec2FeatureExtractor(), "takes input_features, but its feature extractor "
+     ".Wav2Vec2FeatureExtractor. makes input_values"),
+    ("whisper", lambda tf: tf.WhisperFeatureExtractor(feature_size=128), "makes 128 mel bins, its encoder takes 80"),
+])
+def test_an_encoder_with_another_checkpoints_feature_extractor_is_refused_at_load(encoder_dirs, tmp_path, kind,
+                                                                                   extractor, message):
+    import transformers as tf
+
+    folder = with_extractor(encoder_dirs, tmp_path, kind, extractor(tf))
+    with pytest.raises(ValueError, match=message):
+        SlamASR.from_config(SlamASRConfig(encoder=folder, llm="tiny", adapter_hidden=64))
+
+
+def test_an_8_khz_feature_extractor_is_warned_about(encoder_dirs, tmp_path, caplog):
+    import transformers as tf
+
+    folder = with_extractor(encoder_dirs, tmp_path, "wav2vec2", tf.Wav2Vec2FeatureExtractor(
+        sampling_rate=8000, return_attention_mask=True))
+    with caplog.at_level("WARNING"):
+        SlamASR.from_config(SlamASRConfig(encoder=folder, llm="tiny", adapter_hidden=64))
+    assert "feature extractor says 8000 Hz" in caplog.text and "trained at 16000 Hz" in caplog.text
+
+
+def test_what_is_not_a_speech_encoder_is_named_as_such(encoder_dirs, tmp_path):
+    import os
+    import shutil
+
+    from backbones import tiny_backbones
+
+    _, llm, tokenizer, _ = tiny_backbones()
+    llm.save_pretrained(tmp_path / "llm")
+    with pytest.raises(ValueError, match="--encoder .*llm is a llama model, not a speech encoder"):
+        SlamASR.from_config(SlamASRConfig(encoder=str(tmp_path / "llm"), llm="tiny"))
+    shutil.copytree(encoder_dirs["wav2vec2"], tmp_path / "no-extractor")
+    os.remove(tmp_path / "no-extractor" / "preprocessor_config.json")
+    with pytest.raises(OSError, match="could not load the speech encoder's feature extractor from the folder") as e:
+        SlamASR.from_config(SlamASRConfig(encoder=str(tmp_path / "no-extractor"), llm="tiny"))
+    assert "hf download" not in str(e.value)  # a folder lacks a file: no advice about downloads

@@ -124,3 +124,22 @@ def test_librispeech_folder_problems(tmp_path):
     assert [r.id for r in kept] == ["2002-3002-0000", "2002-3002-0001"]
     assert report.counts == {"no .trans.txt in its chapter folder": 2, "malformed .trans.txt line": 1,
                              "missing audio file": 1}
+
+
+def test_text_that_is_not_utf8_is_counted_not_trained_as_replacement_characters(tmp_path, clip):
+    chapter = tmp_path / "LibriSpeech" / "dev-clean" / "1" / "2"
+    chapter.mkdir(parents=True)
+    for utt in ("1-2-0000", "1-2-0001"):
+        sf.write(chapter / f"{utt}.flac", clip, 16000)
+    (chapter / "1-2.trans.txt").write_bytes("1-2-0000 A CAF\xc9 OF LATIN ONE\n1-2-0001 FINE\n".encode("latin-1"))
+    report = DataReport("ls")
+    records = index_librispeech(tmp_path / "LibriSpeech", "dev-clean", report)
+    assert [r.text for r in records] == ["FINE"] and not any("\ufffd" in r.text for r in records)
+    assert report.counts["line is not UTF-8 text (convert the file: iconv -f latin1 -t utf-8)"] == 1
+    sf.write(tmp_path / "a.wav", clip, 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes("\ufeff".encode() + b'{"audio": "a.wav", "text": "first"}\n'  # a byte-order mark
+                         + '{"audio": "a.wav", "text": "caf\xe9", "id": "2"}\n'.encode("latin-1"))
+    report = DataReport("m")
+    assert [r.text for r in read_manifest(manifest, report)] == ["first"]  # line 1 is not lost to the mark
+    assert report.examples["line is not UTF-8 text (convert the file: iconv -f latin1 -t utf-8)"] == [f"{manifest}:2"]

@@ -1,6 +1,7 @@
 """Datasets, the stream and the feature cache (dataset.py)."""
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from conftest import (
     tiny_processor,
 )
 
+import corpus
 from audio import DataError
 from batching import SpeechCollator, fill_batches
 from corpus import ClipFilter, DataReport, Record, read_manifest
@@ -202,3 +204,33 @@ def test_maskless_encoder_fill_batches_near_equal_clips_and_keeps_the_loss(train
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)
     assert fill_batches([2.0, 2.0, 2.0, 3.0], 8, max_padding=0.0) == [[0, 1, 2], [3]]  # equal lengths batch
     assert fill_batches([1.0, 2.0, 3.0, 4.0], 8, max_seconds=6.0) == [[0, 1], [2], [3]]  # padded seconds cap
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_restored_is_encoded_again(tmp_path, clip):
+    path = tmp_path / "a.wav"
+    sf.write(path, clip, 16000, subtype="PCM_16")
+    before = os.stat(path)
+    first = corpus.with_durations([Record(id="a", text="x", path=str(path))], DataReport("t"))[0].identity
+    sf.write(path, clip[::-1].copy(), 16000, subtype="PCM_16")  # other audio, same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    again = corpus.with_durations([Record(id="a", text="x", path=str(path))], DataReport("t"))[0].identity
+    assert again != first  # its features would otherwise be the old audio's
+
+
+def test_two_runs_filling_one_cache_at_once_keep_both_and_a_damaged_cache_is_named(train_set, tmp_path, caplog):
+    model = make_model()
+    half = len(train_set.records) // 2
+    one, two = cache_for(model, tmp_path), cache_for(model, tmp_path)  # two runs: one folder, other data
+    one.fill(model.encode_audio, SpeechDataset(train_set.records[:half]))
+    two.fill(model.encode_audio, SpeechDataset(train_set.records[half:]))  # same rank, same shard number
+    assert set(cache_for(model, tmp_path).load_index().index) == {one.entry_name(r) for r in train_set.records}
+    shard = sorted(one.dir.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut short
+    with caplog.at_level("WARNING"):
+        kept = cache_for(model, tmp_path).load_index().index
+    assert len(kept) < len(train_set.records) and f"{shard} is cut short" in caplog.text  # encoded again
+    index = sorted(one.dir.glob("index-*.json"))[0]
+    index.write_text('{"broken": ')
+    with pytest.raises(ValueError, match=f"{index} is damaged .*delete the feature cache"):
+        cache_for(model, tmp_path).load_index()

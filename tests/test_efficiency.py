@@ -1,11 +1,10 @@
 """Every finetune.py run reports its own efficiency: present, in TensorBoard, and consistent (not fast)."""
 import json
-import os
 import time
 
 import pytest
 import torch
-from conftest import make_model, tiny_args
+from conftest import make_model, scalar_tags, tiny_args
 
 import efficiency
 import finetune
@@ -17,17 +16,6 @@ from dataset import Sample
 def own_peak_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
-
-
-def scalar_tags(out):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tags = set()
-    for root, _, files in os.walk(out / "runs"):
-        if any("tfevents" in f for f in files):
-            acc = EventAccumulator(root)
-            acc.Reload()
-            tags |= set(acc.Tags()["scalars"])
-    return tags
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["feature_cache", "encoder_in_steps"])
@@ -85,12 +73,14 @@ def test_counted_flops_are_each_batchs_flops(train_clips):
 
 
 def test_peak_is_measured_once_per_device_and_dtype(monkeypatch):
+    # a GPU without a datasheet entry, or in float32: a measured matmul peak, cached per device and dtype
     calls = []
     monkeypatch.setattr(efficiency, "matmul_peak", lambda device, dtype: calls.append(dtype) or 1e11)
-    cpu = torch.device("cpu")
-    assert efficiency.peak_flops(cpu, torch.float32)[0] == 1e11
-    assert efficiency.peak_flops(cpu, torch.float32)[0] == 1e11  # read from the cache file
-    assert efficiency.peak_flops(cpu, torch.bfloat16)[0] == 1e11
+    monkeypatch.setattr(efficiency, "device_name", lambda device: "Some GPU")
+    gpu = torch.device("cuda")
+    assert efficiency.peak_flops(gpu, torch.float32)[0] == 1e11
+    assert efficiency.peak_flops(gpu, torch.float32)[0] == 1e11  # read from the cache file
+    assert efficiency.peak_flops(gpu, torch.bfloat16)[0] == 1e11
     assert calls == [torch.float32, torch.bfloat16]
     keys = json.loads(open(efficiency.peak_cache_path()).read())
     assert len(keys) == 2 and all("float32" in k or "bfloat16" in k for k in keys)
@@ -100,10 +90,29 @@ def test_a_peak_cached_too_low_is_measured_again(monkeypatch):
     # a peak measured while the machine was shared reads too low; a run that beats it measures it again
     peaks = iter([1e6, 1e15])
     monkeypatch.setattr(efficiency, "matmul_peak", lambda device, dtype: next(peaks))
+    monkeypatch.setattr(efficiency, "device_name", lambda device: "Some GPU")
     run = efficiency.RunEfficiency()
-    run.set_model(make_model(), "cpu", torch.float32)
+    run.set_model(make_model(), "cuda", torch.float32)
     run.fill_audio_seconds = 10.0  # about 1 GFLOP of encoder work in well under a second: above 1e6 FLOP/s
     run.lap("cache_fill")
     report = run.report()
     assert report["peak_flops_per_device"] == 1e15 and 0 < report["mfu"]["whole_run"] <= 1
     assert list(json.loads(open(efficiency.peak_cache_path()).read()).values()) == [1e15]
+
+
+def test_a_cpu_peak_is_reckoned_from_its_flags_and_no_timing_reads_it_low(monkeypatch):
+    monkeypatch.setattr(efficiency, "matmul_peak", lambda *a: pytest.fail("a CPU's peak is not timed"))
+    monkeypatch.setattr(efficiency, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    flops, source = efficiency.cpu_peak(torch.float32)
+    assert "2 threads x" in source and "x 32 FLOP/cycle" in source  # AVX2: two 8-wide FMAs a cycle
+    assert efficiency.cpu_peak(torch.bfloat16)[0] == flops and not efficiency.fast_on_cpu(torch.bfloat16)
+    monkeypatch.setattr(efficiency, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "fma"})
+    assert efficiency.cpu_peak(torch.float32)[0] == 2 * flops  # AVX-512: twice as wide
+    assert efficiency.cpu_peak(torch.bfloat16)[0] == 4 * flops and efficiency.fast_on_cpu(torch.bfloat16)
+    run = efficiency.RunEfficiency()
+    run.set_model(make_model(), "cpu", torch.float32)
+    run.fill_audio_seconds = 10.0
+    run.lap("cache_fill")
+    report = run.report()
+    assert report["mfu"]["whole_run"] < 1 and "GFLOP/s" in efficiency.summary_line(report)  # not "0.00 TFLOP/s"

@@ -1,6 +1,7 @@
 """The recipe end to end, its arguments and refusals (finetune.py)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import (
     adapter_weights,
     hub_rows,
     run_script,
+    scalar_tags,
     tiny_args,
 )
 
@@ -108,14 +110,13 @@ def test_two_process_data_parallel_run(tmp_path):
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     # the process skips the interpreter's last garbage collection (gc.freeze): what it wrote last is all there
-    from test_efficiency import scalar_tags
     assert "train/efficiency_mfu_whole_run" in scalar_tags(out)  # logged after training, just before the exit
     assert json.loads((out / "efficiency.json").read_text())["processes"] == 2
     assert "batches per epoch per process" in output  # each rank drew its share of the duration batches
     assert len((out / "predictions_step4.jsonl").read_text().splitlines()) == 4  # gathered from both ranks
     model = SlamASR.load_adapter(out)
     assert model.config.adapter == "linear"
-    shards = {p.name.split("-")[0] for p in (tmp_path / "cache").glob("*/*.safetensors")}
+    shards = {re.search(r"-(rank\d)-", p.name).group(1) for p in (tmp_path / "cache").glob("*/*.safetensors")}
     assert shards == {"rank0", "rank1"}  # each rank encoded its share of the training clips
 
 
@@ -212,6 +213,18 @@ def test_script_sh_launches_a_valid_command(tmp_path):
     # before a multi-GPU launch, one process downloads and indexes: the same arguments, then exit
     prepare = (tmp_path / "args.python").read_text().splitlines()
     assert prepare[0] == "finetune.py" and prepare[1:] == script_args + ["--preprocessing_only"]
+    # the precision comes from one place: the launcher's autocast and finetune.py's flags agree
+    subprocess.run(["bash", "script.sh"], cwd=ROOT, env=dict(env, PRECISION="no"), check=True)
+    args = (tmp_path / "args.accelerate").read_text().splitlines()
+    assert args[args.index("--mixed_precision") + 1] == "no" and "--fp16" not in args and "--bf16" not in args
+    with pytest.raises(ValueError, match="accelerate launch --mixed_precision fp16, but finetune.py runs in float32"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `script.sh --fp16 False` used to run
+            finetune.arguments(script_args + ["--fp16", "False"])
+    # no GPU: script.sh says what to run on a CPU instead of launching fp16 on it
+    refused = subprocess.run(["bash", "script.sh"], cwd=ROOT, env=dict(env, NUM_GPUS="0"), capture_output=True,
+                             text=True)
+    assert refused.returncode == 1 and "torch sees no GPU here" in refused.stderr and "--use_cpu" in refused.stderr
 
 
 def test_preprocessing_only_prepares_the_data_and_exits(tmp_path, hub_copy, caplog):
@@ -269,8 +282,12 @@ def test_push_to_hub_publishes_the_adapter_with_a_model_card(tmp_path, monkeypat
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, repo_id, folder_path, revision, **kw:
                         calls.update(upload=(repo_id, folder_path, revision)))
     out = tmp_path / "out"
-    assert finetune.main(tiny_args(out, "--push_to_hub", "--hub_model_id", "someone/slam-asr-tiny",
-                                   "--hub_revision", "step-4", steps=4)) == 0
+    args = tiny_args(out, "--push_to_hub", "--hub_model_id", "someone/slam-asr-tiny", "--hub_revision", "step-4", steps=4)
+    with pytest.raises(ValueError, match="--push_to_hub with HF_HUB_OFFLINE set"):  # at the start, not the end
+        finetune.main(args)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    assert finetune.main(args) == 0
     assert calls["repo"] == "someone/slam-asr-tiny" and calls["branch"] == ("someone/slam-asr-tiny", "step-4")
     assert calls["upload"][0] == "someone/slam-asr-tiny" and calls["upload"][2] == "step-4"
     folder = calls["upload"][1]
@@ -279,7 +296,8 @@ def test_push_to_hub_publishes_the_adapter_with_a_model_card(tmp_path, monkeypat
     card = open(os.path.join(folder, "README.md")).read()
     wer = json.loads((out / "eval_results.json").read_text())["eval_wer"]
     for expected in ("base_model:\n- tiny\n- tiny", "4 steps", "LibriSpeech train-clean-100", f"WER **{100 * wer:.2f}%**",
-                     "greedy, whisper normalizer", "<|assistant|>", 'SlamASR.load_adapter("someone/slam-asr-tiny")'):
+                     "greedy, whisper normalizer", "<|assistant|>", "(revision `step-4`)",
+                     'SlamASR.load_adapter("someone/slam-asr-tiny@step-4")'):
         assert expected in card, expected
     assert SlamASR.load_adapter(folder).config == SlamASR.load_adapter(out).config
     with pytest.raises(ValueError, match="--hub_model_id"):

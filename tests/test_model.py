@@ -333,17 +333,17 @@ def test_eager_attention_keeps_the_loss_and_padded_batches(train_set, tmp_path):
     assert_padded_batch_matches_singles(models["eager"], audios, texts)
 
 
-def hub_cache_with(tmp_path, repo_id, folder):
+def hub_cache_with(tmp_path, repo_id, folder, revision="main"):
     """`folder`'s files in a cache laid out as huggingface_hub lays it out: blobs named by hash, a snapshot of
-    symlinks to them per commit, refs/main naming that commit."""
+    symlinks to them per commit, refs/<revision> naming that commit."""
     import hashlib
 
     repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    (repo / "blobs").mkdir(parents=True)
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
     (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
     for path in sorted(folder.iterdir()):
         blob = hashlib.sha256(path.read_bytes()).hexdigest()
         (repo / "blobs" / blob).write_bytes(path.read_bytes())
@@ -363,3 +363,52 @@ def test_an_adapter_loads_by_hub_repo_id_from_the_cache_offline(trained_model, t
     assert loaded.transcribe(audios[:3], max_new_tokens=12) == trained_model.transcribe(audios[:3], max_new_tokens=12)
     with pytest.raises(OSError, match="someone/not-there.*could not be fetched"):
         SlamASR.load_adapter("someone/not-there")
+
+
+def test_a_hub_adapter_loads_at_its_revision_and_a_damaged_cache_is_refused(trained_model, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    trained_model.save_adapter(tmp_path / "adapter")
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "README.md").write_text("not an adapter")
+    cache = hub_cache_with(tmp_path, "someone/slam-asr-tiny", tmp_path / "adapter", revision="v2")
+    hub_cache_with(tmp_path, "someone/slam-asr-tiny", tmp_path / "card")  # main holds no adapter files
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert SlamASR.load_adapter("someone/slam-asr-tiny@v2").config == trained_model.config  # as the card says
+    assert SlamASR.load_adapter("someone/slam-asr-tiny", revision="v2").config == trained_model.config
+    with pytest.raises(FileNotFoundError, match="the hub repo someone/slam-asr-tiny has no slam_asr_config.json"):
+        SlamASR.load_adapter("someone/slam-asr-tiny")
+    snapshot = next(p for p in (cache / "models--someone--slam-asr-tiny" / "snapshots").iterdir()
+                    if (p / WEIGHTS_NAME).exists())
+    blob = (snapshot / WEIGHTS_NAME).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0x01  # one bit of a weight: still a finite number, and no longer the file the hub sent
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="adapter.safetensors in the hub cache does not match its hash"):
+        SlamASR.load_adapter("someone/slam-asr-tiny@v2")
+    blob.unlink()
+    with pytest.raises(OSError, match="adapter.safetensors in the hub cache links to a missing blob"):
+        SlamASR.load_adapter("someone/slam-asr-tiny@v2")
+
+
+def test_the_adapter_file_is_readable_by_others_and_decoding_brings_no_max_length_warning(trained_model, train_clips,
+                                                                                          tmp_path, caplog):
+    trained_model.save_adapter(tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).stat().st_mode & 0o044 == 0o044  # as every other file (umask 022)
+    trained_model.llm.generation_config.max_length = 2048  # as TinyLlama's generation_config.json says
+    model = SlamASR.from_backbones(trained_model.config, trained_model.encoder, trained_model.llm,
+                                   trained_model.tokenizer, trained_model.feature_extractor)
+    with caplog.at_level("WARNING"):
+        model.transcribe(train_clips[0][:1], max_new_tokens=4)
+    assert "max_length" not in caplog.text
+
+
+@pytest.mark.parametrize("audio, message", [
+    (np.zeros((2, 16000), np.float32), r"audios\[0\] has shape \(2, 16000\): pass each clip as a 1-D array"),
+    (np.zeros(100, np.float32), r"audios\[0\] holds 100 samples: the encoder needs at least 400"),
+    (np.full(16000, np.nan, np.float32), r"audios\[0\] holds NaN or Inf samples"),
+])
+def test_transcribe_refuses_what_is_not_a_clip_by_name(trained_model, audio, message):
+    with pytest.raises(ValueError, match=message):
+        trained_model.transcribe([audio])
+    assert trained_model.transcribe([torch.zeros(16000)]) == [""]  # a 1-D tensor is a clip (of silence here)

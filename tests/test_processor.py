@@ -99,3 +99,17 @@ def test_an_llm_without_a_chat_template_needs_a_prompt_template(qwen2_dir):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template.*--prompt_template"):
         chat_prompt_template(tokenizer)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}{% endfor %}", "renders 2 <speech> placeholders"),
+    ("{% for m in messages %}{{ m['role'] }}{% endfor %}", "renders 0 <speech> placeholders"),
+    ("{% for m in messages %}{{ m['content'] }", "is not a valid Jinja template"),
+])
+def test_a_chat_template_that_cannot_give_the_prompt_is_named(template, message):
+    from backbones import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template
+    with pytest.raises(ValueError, match=f"the chat template of the LLM .*{message}"):
+        chat_prompt_template(tokenizer)

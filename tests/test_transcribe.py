@@ -178,11 +178,11 @@ def test_resume_reads_back_any_hypothesis_and_drops_a_torn_line(tmp_path):
     out = tmp_path / "o.jsonl"
     rows = [{"path": "a.flac", "text": "line\u2028separator"}, {"path": "b.flac", "error": "x"}]
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + '{"path": "c.fl')
-    assert transcribe.read_output(str(out)) == rows
+    assert transcribe.read_output(str(out), 'some adapter') == rows
     assert out.read_text().endswith('"x"}\n')  # the torn line is gone; appending starts on a fresh line
     out.write_text("not json\n")
     with pytest.raises(SystemExit, match="o.jsonl:1 is not a line transcribe.py writes"):
-        transcribe.read_output(str(out))
+        transcribe.read_output(str(out), 'some adapter')
 
 
 def test_ctrl_c_keeps_the_lines_and_says_how_to_resume(adapter_dir, tmp_path, capsys, monkeypatch):
@@ -332,3 +332,81 @@ def test_eager_attention_reaches_both_backbones_and_transcribes_the_same(adapter
              "--attn_implementation", attention, "--max_new_tokens", "12", "--output", str(outs[attention])], capsys)
     assert kernels == [("sdpa", "sdpa"), ("eager", "eager")]
     assert read_lines(outs["eager"]) == read_lines(outs["sdpa"])
+
+
+def test_a_hard_link_to_an_input_is_an_input(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": str(TRAIN / "1001/2001/1001-2001-0000.flac")}) + "\n")
+    os.link(manifest, tmp_path / "o.jsonl")  # the same file under another name
+    with pytest.raises(SystemExit):
+        transcribe.main(["--adapter", "x", "--manifest", str(manifest), "--output", str(tmp_path / "o.jsonl"),
+                         "--overwrite"])
+    assert "is one of the inputs" in capsys.readouterr().err and manifest.read_text().startswith('{"audio"')
+
+
+def test_resume_knows_inputs_by_resolved_path_and_place_and_refuses_another_adapter(adapter_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("1001-2001-0000", "1001-2001-0001"):
+        (clips / f"{name}.flac").write_bytes((TRAIN / "1001/2001" / f"{name}.flac").read_bytes())
+    manifest = tmp_path / "m.jsonl"  # one file listed twice: two inputs, two lines
+    manifest.write_text("".join(json.dumps({"audio": f"clips/{n}.flac"}) + "\n"
+                                for n in ("1001-2001-0000", "1001-2001-0001", "1001-2001-0000")))
+    out = tmp_path / "o.jsonl"
+    assert run(["--adapter", str(adapter_dir), "--manifest", str(manifest), "--output", str(out),
+                "--max_new_tokens", "8"], capsys)[0] == 0
+    rows = read_lines(out)
+    assert len(rows) == 3 and all(r["adapter"] == os.path.realpath(adapter_dir) for r in rows)
+    monkeypatch.chdir(tmp_path)  # the same files under other spellings: a relative folder, then absolute paths
+    code, err = run(["--adapter", str(adapter_dir), "clips", "--output", str(out), "--resume"], capsys)
+    assert code == 0 and "2 of 2 inputs to go" not in err and len(read_lines(out)) == 3  # nothing decoded again
+    (tmp_path / "other").mkdir()
+    for name in os.listdir(adapter_dir):
+        (tmp_path / "other" / name).write_bytes((adapter_dir / name).read_bytes())
+    with pytest.raises(SystemExit, match="was written with the adapter .* this run's is .*other"):
+        transcribe.main(["--adapter", str(tmp_path / "other"), "--manifest", str(manifest), "--output", str(out),
+                         "--resume"])
+
+
+@pytest.mark.parametrize("extra", [["--output", "o.jsonl"], ["x.flac"], ["--adapter", "a"], ["--manifest", "m"]])
+def test_rescore_takes_its_file_alone(extra, capsys):
+    with pytest.raises(SystemExit):
+        transcribe.parse_args(["--rescore", "p.jsonl", *extra])
+    assert "--rescore scores its file alone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"reference": "a", "text": "a"}\n{"reference": "b", "te', r":2: not a JSON line .*the file was cut short"),
+    (b'{"reference": "a", "text": "a"}\nnot json\n', r":2: not a JSON line"),
+    ('{"reference": "caf\xe9", "text": "a"}\n'.encode("latin-1"), r":1: not UTF-8 text"),
+])
+def test_rescore_names_the_line_it_cannot_read(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit, match=f"{path}{message}"):
+        transcribe.rescore(str(path), "simple")
+    path.write_bytes("\ufeff".encode() + b'{"reference": "a b", "text": "a b"}\n')  # a byte-order mark is fine
+    assert transcribe.rescore(str(path), "simple") == 0
+
+
+def test_aiff_and_au_are_transcribed_and_other_files_counted(adapter_dir, tmp_path, capsys, caplog):
+    clip, _ = sf.read(TRAIN / "1001/2001/1001-2001-0000.flac", dtype="float32")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "a.aiff", clip, 16000, format="AIFF")
+    sf.write(folder / "b.au", clip, 16000, format="AU")
+    (folder / "notes.txt").write_text("not audio")
+    out = tmp_path / "o.jsonl"
+    with caplog.at_level("WARNING"):
+        assert run(["--adapter", str(adapter_dir), str(folder), "--output", str(out), "--max_new_tokens", "8"],
+                   capsys)[0] == 0
+    assert sorted(os.path.basename(r["path"]) for r in read_lines(out) if "text" in r) == ["a.aiff", "b.au"]
+    assert "not an audio file by its name" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_a_cuda_device_without_cuda_is_refused_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr(transcribe.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        transcribe.parse_args(["--adapter", "x", "a.flac", "--device", "cuda"])
+    assert "torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
