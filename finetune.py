@@ -18,6 +18,8 @@ import math
 import os
 import signal
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields, replace
 
 if __name__ == "__main__" and os.environ.get("LOCAL_RANK", "0") == "0":
@@ -166,13 +168,14 @@ def parse_args(argv):
         # parse_json_file/parse_yaml_file fill the dataclasses from the file alone, without set_defaults; its
         # args_filename/args_file_flag read command-line words, not JSON or YAML.)
         values = read_args_file(argv[0])
-        specs = {spec.name: spec for dataclass_type in parser.dataclass_types for spec in fields(dataclass_type)
-                 if spec.init}
-        if set(values) - set(specs):
-            raise ValueError(f"{argv[0]}: unknown arguments {sorted(set(values) - set(specs))} (python finetune.py "
+        # the annotations as written: HfArgumentParser rewrites each field's .type (Optional[str] becomes str)
+        types = {spec.name: typing.get_type_hints(dataclass_type)[spec.name] for dataclass_type in parser.dataclass_types
+                 for spec in fields(dataclass_type) if spec.init}
+        if set(values) - set(types):
+            raise ValueError(f"{argv[0]}: unknown arguments {sorted(set(values) - set(types))} (python finetune.py "
                              "--help lists them)")
         for name, value in values.items():  # argparse converts what it reads, never a default it is given
-            problem = type_problem(value, specs[name].type)
+            problem = type_problem(value, types[name])
             if problem:
                 raise ValueError(f"{argv[0]}: {name} is {value!r}, {problem}")
         parser.set_defaults(**values)
@@ -207,9 +210,6 @@ def read_args_file(path):
 def type_problem(value, annotation):
     """Why `value` does not fit a dataclass field of type `annotation` (int, float, str, bool, or those or None;
     other types are left to the dataclass itself), or None."""
-    import types
-    import typing
-
     allowed = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) else {annotation}
     if value is None and type(None) in allowed:
         return None
@@ -621,7 +621,7 @@ def check_data_sources(data_args):
     not after the backbones' download."""
     report = corpus.DataReport("check")
     if data_args.librispeech_dir:
-        for split in {data_args.train_split, data_args.eval_split} - {None, ""}:
+        for split in filter(None, (data_args.train_split, data_args.eval_split)):
             corpus.index_librispeech(data_args.librispeech_dir, split, report)
     for flag, manifest in (("train_manifest", data_args.train_manifest), ("eval_manifest", data_args.eval_manifest)):
         if manifest and not corpus.read_manifest(manifest, report):

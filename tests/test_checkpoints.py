@@ -1,4 +1,5 @@
 """The lock, complete checkpoints, rotation, resume (checkpoints.py)."""
+import json
 import os
 import shutil
 import sys
@@ -6,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import NO_EVAL, run_script, tiny_args
+from conftest import NO_EVAL, adapter_weights, run_script, tiny_args
 
 import finetune
 import trainer
@@ -165,3 +166,64 @@ def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
     assert finetune.main(tiny_args(out, "--eval_split", "", "--resume_from_checkpoint", "last", steps=8)) == 0
     assert not torn.exists() or (torn / COMPLETE_MARKER).exists()
     assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
+
+
+def test_the_lock_holds_when_its_file_is_removed(tmp_path):
+    out = tmp_path / "out"
+    holder = run_script([sys.executable, "-c", "import sys, time\nfrom checkpoints import hold_output_dir\n"
+                         "with hold_output_dir(sys.argv[1]):\n"
+                         "    print('held', flush=True)\n"
+                         "    time.sleep(300)", str(out)])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.remove(out / ".finetune.lock")  # a stray rm, or a cleanup script
+        with pytest.raises(RuntimeError, match=f"{out} is in use by another run"):
+            finetune.main(tiny_args(out, *NO_EVAL, steps=2))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(trained, tmp_path, caplog):
+    out = copy_of(trained, tmp_path)
+    with caplog.at_level("WARNING"):
+        assert finetune.main(tiny_args(out, *NO_EVAL, "--save_total_limit", "5", "--resume_from_checkpoint",
+                                       str(out / "checkpoint-4"), "--save_steps", "2", steps=6)) == 0
+    assert f"moving {out / 'checkpoint-8'} aside to {out / 'checkpoint-8.superseded'}" in caplog.text
+    assert (out / "checkpoint-8.superseded" / "adapter.safetensors").is_file()  # kept, for the user to decide
+    assert find_checkpoints(str(out))[0] == [str(out / f"checkpoint-{n}") for n in (4, 6)]
+    config, _, _, training_args = resume_args(out, "last")
+    assert resolve_resume(training_args, config) == str(out / "checkpoint-6")  # this run's, not the old run's 8
+
+
+def test_a_finished_run_started_again_trains_nothing(tmp_path, caplog):
+    out = tmp_path / "out"
+    args = tiny_args(out, *NO_EVAL, "--save_steps", "5", steps=5)  # 2 steps an epoch: 5 is not a whole epoch
+    assert finetune.main(args) == 0
+    weights = adapter_weights(out)
+    with caplog.at_level("INFO"):
+        assert finetune.main(args + ["--resume_from_checkpoint", "last"]) == 0
+    assert "already reached --max_steps 5: nothing left to train" in caplog.text
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 5
+    assert all(torch.equal(weights[k], v) for k, v in adapter_weights(out).items())
+
+
+def test_a_changed_chat_template_or_learning_rate_is_refused_on_resume(tmp_path):
+    from backbones import tiny_backbones
+
+    _, llm, tokenizer, _ = tiny_backbones()
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    out = tmp_path / "out"
+    args = [a if a != "tiny" or i != 3 else str(tmp_path / "llm")
+            for i, a in enumerate(tiny_args(out, *NO_EVAL, "--save_steps", "2", steps=2))]
+    assert args[2:4] == ["--llm", str(tmp_path / "llm")]
+    assert finetune.main(args) == 0
+    with pytest.raises(ValueError, match=r"--learning_rate 1e-05: .*checkpoint-2 continues a schedule that started "
+                                         r"from 0.003"):
+        finetune.main(args + ["--resume_from_checkpoint", "last", "--max_steps", "4", "--learning_rate", "1e-5"])
+    template = tmp_path / "llm" / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|user|>", "<|human|>"))
+    with pytest.raises(ValueError, match="checkpoint-2 was trained with another model config than this run's: "
+                                         "prompt_template: checkpoint '<|system|>.*<|user|>.*this run '.*<|human|>"):
+        finetune.main(args + ["--resume_from_checkpoint", "last", "--max_steps", "4"])

@@ -116,3 +116,31 @@ def test_a_cpu_peak_is_reckoned_from_its_flags_and_no_timing_reads_it_low(monkey
     run.lap("cache_fill")
     report = run.report()
     assert report["mfu"]["whole_run"] < 1 and "GFLOP/s" in efficiency.summary_line(report)  # not "0.00 TFLOP/s"
+
+
+def test_a_resumed_runs_accounting_covers_the_whole_run(tmp_path, monkeypatch, caplog):
+    import finetune
+    from conftest import NO_EVAL, tiny_args
+    from trainer import SlamASRTrainer
+
+    out = tmp_path / "out"
+    args = tiny_args(out, *NO_EVAL, "--save_steps", "2", steps=4)
+    real = SlamASRTrainer.training_step
+
+    def killed_at_step_3(self, *a, **kw):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(SlamASRTrainer, "training_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(args)
+    monkeypatch.setattr(SlamASRTrainer, "training_step", real)
+    with caplog.at_level("INFO"):
+        assert finetune.main(args + ["--resume_from_checkpoint", "last"]) == 0
+    assert f"resuming from {out / 'checkpoint-2'} at step 2" in caplog.text
+    report = json.loads((out / "efficiency.json").read_text())
+    assert report["training_steps"] == 4  # both segments' steps (this one alone trained 2)
+    first = json.loads((out / "checkpoint-2" / "efficiency_rank0.json").read_text())
+    assert report["wall_seconds"] > first["wall_seconds"] and report["flops"]["total"] > 0
+    assert json.loads((out / "train_results.json").read_text())["resumed_from_step"] == 2

@@ -23,7 +23,7 @@ from conftest import (
 
 import finetune
 from checkpoints import COMPLETE_MARKER, find_checkpoints
-from model import CONFIG_NAME, WEIGHTS_NAME, SlamASR
+from model import CONFIG_NAME, WEIGHTS_NAME, SlamASR, SlamASRConfig
 from trainer import SlamASRTrainer
 
 
@@ -426,3 +426,77 @@ def test_a_transcript_holding_a_special_token_is_dropped_and_counted(tmp_path, c
                                        *NO_EVAL, "--per_device_train_batch_size", "2", steps=3,
                                        source=())) == 0  # trained as an EOS in mid-sentence, it would not be
     assert "1  transcript holds the LLM's special token </s>" in caplog.text and "train: 3 clips" in caplog.text
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--learning_rate", "inf"], "--learning_rate inf: must be a finite number"),
+    (["--max_batch_seconds", "nan"], "--max_batch_seconds nan: must be a finite number"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm nan: must be a finite number"),
+    (["--max_steps=-5"], "--max_steps -5 .must be a step count, or -1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0 .must be >= 1"),
+    (["--learning_rate=-1e-4"], "--learning_rate -0.0001 .must be > 0"),
+])
+def test_numbers_that_are_not_numbers_are_refused_by_name(args, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        finetune.arguments(["--output_dir", "x", "--librispeech_dir", "l", *args])
+
+
+@pytest.mark.parametrize("values, refusal", [
+    ({"per_device_train_batch_size": True}, "per_device_train_batch_size is True, it should be an integer"),
+    ({"max_steps": 4.7}, "max_steps is 4.7, it should be an integer"),
+    ({"output_dir": 5}, "output_dir is 5, it should be a string or null"),
+    ({"train_split": ["train-clean-100"]}, r"train_split is \['train-clean-100'\], it should be a string"),
+    ({"eval_split": {"name": "dev-clean"}}, "eval_split is {'name': 'dev-clean'}, it should be a string or null"),
+    ({"prompt_template": 5}, "prompt_template is 5, it should be a string or null"),
+])
+def test_an_args_file_value_of_the_wrong_type_is_refused_by_file_and_key(tmp_path, values, refusal):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"librispeech_dir": "l", **values}))
+    with pytest.raises(ValueError, match=f"{path}: {refusal}"):
+        finetune.arguments([str(path)])
+    path.write_text('{"max_steps": 5,}')
+    with pytest.raises(ValueError, match=f"{path} cannot be read as JSON: "):
+        finetune.arguments([str(path)])
+    (tmp_path / "args.yaml").write_text("max_steps: [5\n")
+    with pytest.raises(ValueError, match="args.yaml cannot be read as YAML: "):
+        finetune.arguments([str(tmp_path / "args.yaml")])
+
+
+def test_a_saved_config_of_the_wrong_type_is_refused_by_field(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"encoder": "tiny", "llm": "tiny", "adapter": "linear", "downsample": 5,
+                                                 "adapter_hidden": 8, "prompt_template": 5}))
+    with pytest.raises(ValueError, match="prompt_template must be a string, got 5"):
+        SlamASRConfig.from_json_file(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--librispeech_dir", "/nope"], "/nope/train-clean-100 not found"),
+    (["--librispeech_dir", str(FIXTURE), "--train_split", "train-clean-360"], "train-clean-360 not found"),
+    (["--train_manifest", "/nope.jsonl"], "nope.jsonl"),
+    (["--librispeech_dir", str(FIXTURE), "--eval_split", "train-clean-100"], "the evaluation data is the training"),
+])
+def test_data_sources_are_checked_before_any_model_loads(tmp_path, monkeypatch, args, refusal):
+    monkeypatch.setattr(finetune.SlamASR, "from_config", lambda *a, **k: pytest.fail("a model loaded first"))
+    monkeypatch.setattr(finetune, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer loaded first"))
+    with pytest.raises((ValueError, OSError), match=refusal):
+        finetune.main(["--encoder", "tiny", "--llm", "tiny", "--output_dir", str(tmp_path / "o"), *args])
+
+
+def test_a_short_run_says_it_will_not_leave_its_warm_up_nor_log_its_loss(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert finetune.main(tiny_args(tmp_path / "o", "--eval_split", "", "--warmup_steps", "10", "--logging_steps",
+                                       "50", steps=2)) == 0
+    assert "this run of 2 steps never leaves its warm-up of 10 steps" in caplog.text
+    assert "this run of 2 steps logs its loss at step 1 only (--logging_steps 50)" in caplog.text
+    _, _, _, training_args = finetune.arguments(["--output_dir", "x", "--librispeech_dir", "l"])
+    assert training_args.warmup_steps == 0.05 and training_args.get_warmup_steps(20) == 1  # short runs train too
+
+
+def test_a_users_mistake_is_one_line_without_a_traceback(tmp_path):
+    proc = run_script([sys.executable, "finetune.py", "--encoder", "tiny", "--llm", "tiny", "--output_dir",
+                       str(tmp_path / "o")])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1] == ("finetune.py: error: no data: pass --librispeech_dir, --dataset_name "
+                                              "or --train_manifest")
+    assert output.startswith("finetune.py: importing torch")  # a first line before the seconds of imports

@@ -121,3 +121,76 @@ def test_the_private_trainer_methods_we_override_are_listed_and_keep_their_signa
     overridden = {n for n in vars(SlamASRTrainer)
                   if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)}
     assert overridden == set(PRIVATE_OVERRIDES), "a private Trainer method is overridden without being listed"
+
+
+def test_a_checkpoint_due_at_an_evaluation_is_saved_before_it_and_bad_eval_clips_are_counted(tmp_path, monkeypatch):
+    from conftest import FIXTURE
+    good = FIXTURE / "dev-clean/2001/3001/2001-3001-0000.flac"
+    (tmp_path / "cut.flac").write_bytes(good.read_bytes()[:3000])  # its header reads, its audio does not
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"audio": "cut.flac", "text": "a b"}) + "\n")
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--eval_manifest", str(tmp_path / "dev.jsonl"), "--eval_steps", "2",
+                                   "--save_steps", "2", steps=4)) == 0  # the clip is counted, the run goes on
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    wer = [e for e in state["log_history"] if "eval_wer" in e]
+    assert wer and all(e["eval_wer"] != e["eval_wer"] and e["eval_wer_unreadable_clips"] == 1 for e in wer)  # NaN
+
+    # an evaluation that dies (out of memory, say) no longer takes the steps since the last checkpoint with it
+    def dies(self):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(SlamASRTrainer, "generate_and_score", dies)
+    out2 = tmp_path / "out2"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune.main(tiny_args(out2, "--eval_steps", "2", "--save_steps", "2", steps=4))
+    assert find_checkpoints(str(out2)) == ([str(out2 / "checkpoint-2")], [])
+
+
+def test_a_step_stopped_during_its_evaluation_is_evaluated_on_resume(tmp_path, monkeypatch):
+    from trainer import StopDuringEvaluation
+
+    real = SlamASRTrainer.generate_and_score
+
+    def stopped_at_step_2(self):
+        if self.state.global_step == 2:
+            self.stop.received = "SIGTERM"
+            raise StopDuringEvaluation("SIGTERM")
+        return real(self)
+
+    monkeypatch.setattr(SlamASRTrainer, "generate_and_score", stopped_at_step_2)
+    out = tmp_path / "out"
+    args = tiny_args(out, "--eval_steps", "2", "--save_steps", "2", steps=4)
+    assert finetune.main(args) == 143
+    assert find_checkpoints(str(out)) == ([str(out / "checkpoint-2")], [])
+    monkeypatch.setattr(SlamASRTrainer, "generate_and_score", real)
+    assert finetune.main(args + ["--resume_from_checkpoint", "last"]) == 0
+    assert (out / "predictions_step2.jsonl").is_file()  # step 2's evaluation, done when the run went on
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert sorted(e["step"] for e in history if "eval_wer" in e) == [2, 4]
+
+
+def test_an_adapter_gone_nan_is_never_saved(tmp_path, monkeypatch):
+    real = SlamASRTrainer.training_step
+
+    def diverges_at_step_3(self, model, inputs, *a):
+        loss = real(self, model, inputs, *a)
+        if self.state.global_step == 2:  # the third step's update: weights gone to NaN, the loss still finite
+            with torch.no_grad():
+                next(self.accelerator.unwrap_model(model).adapter.parameters()).fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(SlamASRTrainer, "training_step", diverges_at_step_3)
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--eval_split", "", steps=4)) == 1
+    assert find_checkpoints(str(out)) == ([], []) and not (out / WEIGHTS_NAME).exists()
+
+
+def test_one_evaluation_at_the_end(tmp_path, monkeypatch):
+    calls = []
+    real = SlamASRTrainer.generate_and_score
+    monkeypatch.setattr(SlamASRTrainer, "generate_and_score", lambda self: calls.append(self.state.global_step) or
+                        real(self))
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--eval_steps", "4", steps=6)) == 0
+    assert calls == [4, 6]  # Trainer's own at the last step; finetune.py does not evaluate it again
+    assert "eval_wer" in json.loads((out / "eval_results.json").read_text())
