@@ -172,6 +172,7 @@ def test_lines_are_written_as_made_and_resume_finishes_the_rest(adapter_dir, tmp
     assert all("text" in r and "reference" in r for r in rows)
     assert "removing its last line, cut short" in err
     assert "transcribed 8 of 8 inputs; 0 failed" in err and "; 8 utterances" in err  # resumed lines counted
+    assert "audio s per second at --batch_size 2" in err  # the decoding rate, of this run's four inputs
 
 
 def test_resume_reads_back_any_hypothesis_and_drops_a_torn_line(tmp_path):
