@@ -18,11 +18,14 @@ float32), both reading the same backbones saved to folders and the same flac cli
 
 import argparse
 import copy
+import functools
 import glob
 import io
 import json
 import math
 import os
+import shlex
+import sys
 import tempfile
 import time
 
@@ -43,42 +46,51 @@ LIBRISPEECH_960H_SECONDS = 960 * 3600
 WORDS_PER_SECOND = 2.7  # LibriSpeech read speech
 
 
-def build_backbones(size, seed=0):
-    """(encoder, llm, tokenizer, feature_extractor) with random weights; the tiny tokenizer stands in for
-    TinyLlama's (its ids all fall inside the 32k vocabulary of the base and full LLMs)."""
-    from transformers import HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM, Wav2Vec2FeatureExtractor
-
-    encoder, llm, tokenizer, feature_extractor = tiny_backbones(seed)
-    if size == "tiny":
-        return encoder, llm, tokenizer, feature_extractor
-    torch.manual_seed(seed)
-    if size == "base":  # HuBERT-base (group norm, no attention mask) + a ~100M Llama with a 32k vocabulary
-        encoder = HubertModel(HubertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                           intermediate_size=3072, feat_extract_norm="group"))
-        llm_config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                                 num_attention_heads=12, num_key_value_heads=12)
-        feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
-                                                     do_normalize=False, return_attention_mask=False)
-    else:  # HuBERT-large + TinyLlama-1.1B, as in the recipe
-        encoder = HubertModel(HubertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                           intermediate_size=4096, feat_extract_norm="layer",
-                                           do_stable_layer_norm=True))
-        llm_config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-    llm_config.update(dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id))
-    return encoder.eval(), LlamaForCausalLM(llm_config).eval(), tokenizer, feature_extractor
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA2_TOKENIZER = f"{HERE}/tests/fixtures/llama2-tokenizer"
 
 
-def synthetic_corpus(n, seed=0):
-    """LibriSpeech-like durations, 2-20 s (mean about 12 s), noise for audio, transcripts of 2.7 words per second
-    drawn from the fixture's words (short ones: with the tiny tokenizer the token counts are not TinyLlama's)."""
+def build_backbones(size, seed=0, device="cpu"):
+    """(encoder, llm, tokenizer, feature_extractor) with random weights, built on `device` (a GPU initializes the
+    1.1B LLM in about a second, a CPU in about ten). `full` takes the real Llama-2 tokenizer (TinyLlama's
+    vocabulary, tests/fixtures/llama2-tokenizer), so that its prompt and transcripts have TinyLlama's token counts;
+    `tiny` and `base` take the tiny tokenizer (its ids all fall inside the 32k vocabulary of the base LLM)."""
+    from transformers import (AutoTokenizer, HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM,
+                              Wav2Vec2FeatureExtractor)
+
+    with torch.device(device):
+        encoder, llm, tokenizer, feature_extractor = tiny_backbones(seed)
+        if size == "tiny":
+            return encoder, llm, tokenizer, feature_extractor
+        torch.manual_seed(seed)
+        if size == "base":  # HuBERT-base (group norm, no attention mask) + a ~100M Llama with a 32k vocabulary
+            encoder = HubertModel(HubertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                               intermediate_size=3072, feat_extract_norm="group"))
+            llm_config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                                     num_attention_heads=12, num_key_value_heads=12)
+            feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                         do_normalize=False, return_attention_mask=False)
+        else:  # HuBERT-large + TinyLlama-1.1B, as in the recipe (the tiny feature extractor is hubert-large's)
+            encoder = HubertModel(HubertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                               intermediate_size=4096, feat_extract_norm="layer",
+                                               do_stable_layer_norm=True))
+            llm_config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+            tokenizer = AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
+        llm_config.update(dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id))
+        return encoder.eval(), LlamaForCausalLM(llm_config).eval(), tokenizer, feature_extractor
+
+
+def synthetic_corpus(n, seed=0, durations=None):
+    """`n` clips of LibriSpeech-like durations, 2-20 s (mean about 12 s), or of the `durations` given (one for
+    all, or one each); noise for audio, transcripts of 2.7 words per second drawn from the fixture's words (short
+    ones: with the tiny tokenizer the token counts are not TinyLlama's)."""
     rng = np.random.default_rng(seed)
-    durations = 2 + 18 * rng.beta(3.0, 2.4, size=n)
+    durations = 2 + 18 * rng.beta(3.0, 2.4, size=n) if durations is None else np.broadcast_to(durations, n)
     # words of the bundled LibriSpeech fixture's transcripts: a fixed text, so that every commit benchmarks the
     # same token counts (words taken from model.py's source changed with each of its docstrings)
-    transcripts = sorted(glob.glob(f"{os.path.dirname(os.path.abspath(__file__))}/tests/fixtures/LibriSpeech/"
-                                   "*/*/*/*.trans.txt"))
+    transcripts = sorted(glob.glob(f"{HERE}/tests/fixtures/LibriSpeech/*/*/*/*.trans.txt"))
     words = [w for path in transcripts for line in open(path) for w in line.split()[1:]]
     words = [w for w in normalize_transcript(" ".join(words)).split() if w.isalpha()]
     clips = []
@@ -188,10 +200,10 @@ def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, l
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["tiny", "base", "full"], default="base")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", choices=["tiny", "base", "full"], default=None, help="default base")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda where there is one, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype of the half-precision lever (default bfloat16 on cuda; float32 on cpu = lever off)")
     p.add_argument("--batch_size", type=int, default=None, help="clips per batch (default 8; 16 on cuda)")
@@ -200,9 +212,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration, after --warmup")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--clips", type=int, default=None, help="synthetic clips in the pool (default: enough)")
+    p.add_argument("--clip_seconds", type=float, default=None,
+                   help="every synthetic clip this long (default: LibriSpeech-like, 2-20 s), e.g. 15 with "
+                        "--batch_size 16 for the peak memory of 16 x 15 s")
     p.add_argument("--configs", default="naive,cache,duration,head,half,all",
                    help="comma-separated subset of naive,cache,duration,head,half,all")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM body in the `all` configuration")
+    p.add_argument("--attn_implementation", choices=["eager", "sdpa"], default=None,
+                   help="attention kernel of both backbones (default: transformers' choice, sdpa)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--end_to_end", action="store_true", help="whole runs: finetune.py vs a straightforward trainer")
     p.add_argument("--epochs", type=int, default=3, help="--end_to_end: epochs of each run")
@@ -214,12 +231,23 @@ def main(argv=None):
                    help="cache fill of a mask-less encoder (base): one clip at a time vs near-equal batches")
     p.add_argument("--straightforward", metavar="WORKDIR", help=argparse.SUPPRESS)  # the baseline's own process
     args = p.parse_args(argv)
+    args.size = args.size or "base"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here; pass --device cpu")
+    if args.clip_seconds is not None and not 0 < args.clip_seconds <= 30:
+        p.error(f"--clip_seconds must be above 0 and at most 30 (got {args.clip_seconds:g})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.straightforward:
         return straightforward_run(args.straightforward, args.epochs)
     if args.end_to_end:
         return end_to_end(args)
     if args.fill_lever:
-        return fill_lever(args)
+        return fill_lever(args.size, args.device, args.json)
     device = torch.device(args.device)
     half = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     half = None if half == torch.float32 else half
@@ -228,10 +256,13 @@ def main(argv=None):
     configs = [c for c in args.configs.split(",") if c != "half" or half is not None]
 
     torch.manual_seed(0)
-    encoder, llm, tokenizer, feature_extractor = build_backbones(args.size)
+    encoder, llm, tokenizer, feature_extractor = build_backbones(args.size, device=device)
+    if args.attn_implementation:
+        encoder.set_attn_implementation(args.attn_implementation)
+        llm.set_attn_implementation(args.attn_implementation)
     config = SlamASRConfig(encoder=f"bench-{args.size}", llm=f"bench-{args.size}")
     base = SlamASR.from_backbones(config, encoder, llm, tokenizer, feature_extractor).to(device)
-    clips = synthetic_corpus(args.clips or batch_size * steps * 2)
+    clips = synthetic_corpus(args.clips or batch_size * steps * 2, durations=args.clip_seconds)
     mean = float(np.mean([c["duration"] for c in clips]))
     max_batch_seconds = args.max_batch_seconds or batch_size * mean
     naive_batch = max(1, round(max_batch_seconds / mean))
@@ -255,8 +286,10 @@ def main(argv=None):
         use_cache, by_duration, head_only, use_half = levers[name]
         model = base
         if use_half:
-            if half_base is None:  # one half-precision copy of the frozen backbones, shared
-                half_base = copy.deepcopy(base)
+            if half_base is None:
+                # one half-precision copy of the frozen backbones, shared; where no configuration trains in float32,
+                # the float32 ones themselves, so that the peak memory holds only what a half-precision run holds
+                half_base = base if all(levers[c][3] for c in configs) else copy.deepcopy(base)
                 half_base.encoder.to(half)
                 half_base.llm.to(half)
             model = half_base
@@ -289,7 +322,7 @@ def main(argv=None):
               + "  ".join(f"{k} {v:7.1f} ms" for k, v in result["step_ms"].items())
               + f"  padding {100 * result['padding']:4.1f}%")
 
-    peak = matmul_peak(device, half or torch.float32, 8192 if device.type == "cuda" else 1024)
+    peak = measured_peak(device.type, half or torch.float32)
     decode = decode_speed(clips)
     print(f"\nmatmul peak measured: {peak / 1e12:.2f} TFLOP/s ({half or torch.float32}); "
           f"decoding: {decode:.0f} audio s per CPU-second")
@@ -297,20 +330,23 @@ def main(argv=None):
     for r in results:
         r["mfu"] = r["flops_per_s"] / peak
         r["hours_per_epoch"] = LIBRISPEECH_960H_SECONDS / r["audio_s_per_s"] / 3600
+        if "cache_fill_audio_s_per_s" in r:  # the first epoch fills the cache, the later ones read it
+            fill_hours = LIBRISPEECH_960H_SECONDS / r["cache_fill_audio_s_per_s"] / 3600
+            r["first_epoch_hours"] = r["hours_per_epoch"] + fill_hours
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "n/a"
         print(f"{r['config']:9s} {r['audio_s_per_s']:10.2f} {100 * r['mfu']:5.1f}% {100 * r['padding']:7.1f}% "
               f"{mem:>9s} {r['hours_per_epoch']:16.2f}")
     by_name = {r["config"]: r for r in results}
     summary = dict(size=args.size, device=str(device), dtype=str(half or torch.float32), compiled_llm=args.compile,
-                   batch_clips=naive_batch,
+                   attn_implementation=encoder.config._attn_implementation, batch_clips=naive_batch,
+                   clip_seconds=args.clip_seconds,
                    max_batch_seconds=max_batch_seconds, matmul_peak_flops=peak, decode_audio_s_per_cpu_s=decode,
                    results=results)
     if "naive" in by_name and "all" in by_name:
         best = by_name["all"]
         summary["speedup_vs_naive"] = best["audio_s_per_s"] / by_name["naive"]["audio_s_per_s"]
-        first_epoch = LIBRISPEECH_960H_SECONDS * (1 / best["audio_s_per_s"] + 1 / best["cache_fill_audio_s_per_s"])
         print(f"speedup vs naive: {summary['speedup_vs_naive']:.1f}x")
-        print(f"LibriSpeech 960 h: first epoch (fills the cache) {first_epoch / 3600:.2f} h, later epochs "
+        print(f"LibriSpeech 960 h: first epoch (fills the cache) {best['first_epoch_hours']:.2f} h, later epochs "
               f"{best['hours_per_epoch']:.2f} h; naive {by_name['naive']['hours_per_epoch']:.2f} h per epoch; "
               f"cache {best['cache_kb_per_audio_s']:.0f} KB per audio second "
               f"({best['cache_kb_per_audio_s'] * LIBRISPEECH_960H_SECONDS / 1e6:.0f} GB for 960 h); "
@@ -321,22 +357,24 @@ def main(argv=None):
     return summary
 
 
-def fill_lever(args, clips=8, seconds=10.0):
+@functools.cache
+def measured_peak(device_type, dtype):
+    """matmul_peak on this device in `dtype`, measured once per process (the GPU suite's items share it)."""
+    return matmul_peak(torch.device(device_type), dtype, 8192 if device_type == "cuda" else 1024)
+
+
+def fill_lever(size, device, json_path=None, clips=8, seconds=10.0):
     """The feature cache fill of `clips` clips of about `seconds` s within finetune.FILL_MAX_PADDING of one
     length (what neighbours in a sorted 960 h corpus are), one clip at a time vs in one batch; both timed in
     this process, on fresh caches, twice in alternation (the best of each kept)."""
     from finetune import FILL_MAX_PADDING
 
-    device = torch.device(args.device)
-    encoder, llm, tokenizer, feature_extractor = build_backbones(args.size)
-    model = SlamASR.from_backbones(SlamASRConfig(encoder=f"bench-{args.size}", llm=f"bench-{args.size}"),
+    device = torch.device(device)
+    encoder, llm, tokenizer, feature_extractor = build_backbones(size, device=device)
+    model = SlamASR.from_backbones(SlamASRConfig(encoder=f"bench-{size}", llm=f"bench-{size}"),
                                    encoder, llm, tokenizer, feature_extractor).to(device)
     rng = np.random.default_rng(0)
-    corpus = synthetic_corpus(clips)
-    for i, c in enumerate(corpus):
-        c["audio"] = np.resize(c["audio"], int(seconds * (1 - FILL_MAX_PADDING * rng.uniform()) * SAMPLE_RATE))
-        c["duration"] = len(c["audio"]) / SAMPLE_RATE
-    dataset = InMemory(corpus)
+    dataset = InMemory(synthetic_corpus(clips, durations=seconds * (1 - FILL_MAX_PADDING * rng.uniform(size=clips))))
     times = {}
     with tempfile.TemporaryDirectory() as workdir:
         for attempt in range(2):
@@ -350,14 +388,14 @@ def fill_lever(args, clips=8, seconds=10.0):
                 sync(device)
                 times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
     audio = sum(dataset.durations)
-    summary = dict(size=args.size, device=args.device, clips=clips, audio_seconds=audio,
+    summary = dict(size=size, device=str(device), clips=clips, audio_seconds=audio,
                    encoder_takes_mask=model.encoder_takes_mask,
                    audio_s_per_s={k: audio / v for k, v in times.items()},
                    speedup=times["one_at_a_time"] / times["near_equal_batch"])
     print(f"cache fill, {clips} clips of about {seconds:g} s: " + ", ".join(
         f"{k} {v:.2f} audio s/s" for k, v in summary["audio_s_per_s"].items()) + f"; {summary['speedup']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(summary, f, indent=2)
     return summary
 
@@ -370,17 +408,19 @@ E2E_CLIPS = 12
 E2E_BATCH = 4
 
 
-def write_inputs(workdir, size, clips):
-    """The `size` backbones saved with save_pretrained (encoder/, llm/) and `clips` synthetic clips as flac files
-    in train.jsonl: what both runs read."""
+def write_inputs(workdir, size, clips, device="cpu", clip_seconds=None):
+    """The `size` backbones saved with save_pretrained (encoder/ with its preprocessor_config.json, llm/ with its
+    tokenizer), as the hub stores the models they stand for (the `full` LLM in bfloat16, as TinyLlama's weights
+    are), and `clips` synthetic clips (LibriSpeech-like, or each `clip_seconds` long) as flac files in
+    train.jsonl: what finetune.py and the other runs read."""
 
-    encoder, llm, tokenizer, feature_extractor = build_backbones(size)
+    encoder, llm, tokenizer, feature_extractor = build_backbones(size, device=device)
     encoder.save_pretrained(f"{workdir}/encoder")
     feature_extractor.save_pretrained(f"{workdir}/encoder")
-    llm.save_pretrained(f"{workdir}/llm")
+    llm.to(torch.bfloat16 if size == "full" else torch.float32).save_pretrained(f"{workdir}/llm")
     tokenizer.save_pretrained(f"{workdir}/llm")
     os.makedirs(f"{workdir}/clips", exist_ok=True)
-    corpus = synthetic_corpus(clips)
+    corpus = synthetic_corpus(clips, durations=clip_seconds)
     with open(f"{workdir}/train.jsonl", "w") as f:
         for c in corpus:
             sf.write(f"{workdir}/clips/{c['id']}.flac", c["audio"], SAMPLE_RATE, format="FLAC")
@@ -420,36 +460,29 @@ def end_to_end(args):
     again, one after the other in this invocation, on the same inputs; wall time and CPU seconds from outside each
     process. The ratio is against the mean of the two baseline runs (their difference says how much the machine's
     load moved meanwhile). MFU against a matmul peak measured here, in the dtype each run computes in."""
-    import shlex
-    import sys
-
     for extra in args.finetune_args or []:
         owned = {"--output_dir", "--feature_cache", "--train_manifest", "--encoder", "--llm"} & {
             word.split("=")[0] for word in shlex.split(extra)}
         if owned:
             raise SystemExit(f"--finetune_args {extra!r}: {', '.join(sorted(owned))} is set by the benchmark itself")
-    here = os.path.dirname(os.path.abspath(__file__))
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-e2e-")
     audio_seconds = write_inputs(workdir, args.size, E2E_CLIPS)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = run_env()
     mean = audio_seconds / E2E_CLIPS
-    baseline_cmd = [sys.executable, f"{here}/bench.py", "--straightforward", workdir, "--epochs", str(args.epochs)]
+    baseline_cmd = [sys.executable, f"{HERE}/bench.py", "--straightforward", workdir, "--epochs", str(args.epochs)]
     print(f"{args.size} backbones and {E2E_CLIPS} clips ({audio_seconds:.0f} audio s) in {workdir}; "
           f"{args.epochs} epochs each")
 
     def baseline(name):  # the straightforward trainer prints its FLOPs as a JSON line last
-        run, stdout = timed_run(name, baseline_cmd, env)
+        run, stdout, _ = timed_run(name, baseline_cmd, env)
         return {**run, **json.loads(stdout.strip().splitlines()[-1])}
 
     baselines = [baseline("straightforward")]
     variants = []
     for i, extra in enumerate(args.finetune_args or [""]):
-        cmd = [sys.executable, f"{here}/finetune.py", "--encoder", f"{workdir}/encoder", "--llm", f"{workdir}/llm",
-               "--train_manifest", f"{workdir}/train.jsonl", "--output_dir", f"{workdir}/out{i}",
-               "--feature_cache", f"{workdir}/cache{i}", "--max_batch_seconds", f"{E2E_BATCH * mean:.1f}",
-               "--num_train_epochs", str(args.epochs), *(["--use_cpu"] if args.device == "cpu" else []),
-               "--seed", "0", *shlex.split(extra)]
-        run, _ = timed_run(f"finetune.py {extra}".strip(), cmd, env)
+        cmd = finetune_command(workdir, f"out{i}", args.device, E2E_BATCH * mean,
+                               "--num_train_epochs", str(args.epochs), *shlex.split(extra))
+        run, _, _ = timed_run(f"finetune.py {extra}".strip(), cmd, env)
         with open(f"{workdir}/out{i}/efficiency.json") as f:
             run["efficiency"] = json.load(f)
         run.update(finetune_args=extra, flops=run["efficiency"]["flops"]["total"], dtype=run["efficiency"]["dtype"])
@@ -483,11 +516,26 @@ def end_to_end(args):
     return summary
 
 
+def finetune_command(workdir, name, device, max_batch_seconds, *extra, launcher=(sys.executable,)):
+    """finetune.py on write_inputs' backbones and clips in `workdir`, into workdir/name (its feature cache in
+    workdir/name-cache), batches of at most `max_batch_seconds` audio seconds, run by `launcher` (python, or
+    accelerate launch and its options)."""
+    return [*launcher, f"{HERE}/finetune.py", "--encoder", f"{workdir}/encoder", "--llm", f"{workdir}/llm",
+            "--train_manifest", f"{workdir}/train.jsonl", "--output_dir", f"{workdir}/{name}",
+            "--feature_cache", f"{workdir}/{name}-cache", "--max_batch_seconds", f"{max_batch_seconds:.1f}",
+            *(["--use_cpu"] if device == "cpu" else []), "--seed", "0", *extra]
+
+
+def run_env():
+    """The environment of the runs bench.py starts: offline (the backbones are local folders), no tokenizer
+    threads beside the loader's."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
 def timed_run(name, cmd, env):
     """Runs `cmd` to its end: (wall time and CPU seconds, its own and its children's, taken from outside it; its
-    standard output)."""
+    standard output; its standard error)."""
     import resource
-    import shlex
     import subprocess
 
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -502,7 +550,7 @@ def timed_run(name, cmd, env):
     if done.returncode:
         raise SystemExit(f"{name} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     print(f"  {name}: {run['wall_seconds']:.1f} s wall, {run['cpu_seconds']:.1f} CPU s", flush=True)
-    return run, done.stdout
+    return run, done.stdout, done.stderr
 
 
 if __name__ == "__main__":
