@@ -98,21 +98,27 @@ def test_gpu_suite_cut_short_keeps_the_items_before(tmp_path, monkeypatch):
     def killed(suite):
         os.kill(os.getpid(), signal.SIGTERM)
 
+    def measured(suite):
+        return dict(summary="1.00 steps/s", training_seconds=1.0)
+
     real = {name: (item, seconds) for name, item, seconds in bench.GPU_SUITE}
     monkeypatch.setattr(bench, "GPU_SUITE", (
-        ("full_rows", failing, 0), ("mfu_and_epoch_hours", *real["mfu_and_epoch_hours"]),
-        ("peak_memory_16x15s", *real["peak_memory_16x15s"]), ("finetune_fp16", killed, 0),
-        ("transcribe_throughput", *real["transcribe_throughput"])))
+        ("finetune_fp16", measured, 0), ("full_rows", failing, 0),
+        ("mfu_and_epoch_hours", *real["mfu_and_epoch_hours"]), ("peak_memory_16x15s", *real["peak_memory_16x15s"]),
+        ("deepspeed_zero2_fp16", killed, 0), ("transcribe_throughput", *real["transcribe_throughput"])))
     path = tmp_path / "suite.json"
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match="cut short by SIGTERM"):
         bench.main(["--gpu_suite", "--size", "tiny", "--device", "cpu", "--json", str(path)])
     items = json.loads(path.read_text())["items"]
+    assert items["finetune_fp16"]["status"] == "measured" and items["finetune_fp16"]["training_seconds"] == 1.0
     assert items["full_rows"]["status"] == "failed" and "out of memory" in items["full_rows"]["error"]
     assert items["mfu_and_epoch_hours"]["reason"] == "needs full_rows, which is failed"
     assert items["peak_memory_16x15s"]["status"] == "skipped"
-    assert items["finetune_fp16"]["status"] == "cut short" and "SIGTERM" in items["finetune_fp16"]["reason"]
+    assert items["deepspeed_zero2_fp16"]["status"] == "cut short"
+    assert "SIGTERM" in items["deepspeed_zero2_fp16"]["reason"]
     assert items["transcribe_throughput"] == dict(status="not reached")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the suite's handler is gone with it
+    assert signal.getsignal(signal.SIGTERM) is handler  # the suite's own handler is gone with it
 
 
 def test_gpu_suite_arguments_are_refused_before_anything_runs(tmp_path, capsys):
