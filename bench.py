@@ -257,7 +257,8 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here; pass --device cpu")
     if args.clip_seconds is not None and not 0 < args.clip_seconds <= 30:
-        p.error(f"--clip_seconds must be above 0 and at most 30 (got {args.clip_seconds:g})")
+        p.error(f"--clip_seconds must be above 0 and at most 30, the recipe's --max_duration "
+                f"(got {args.clip_seconds:g})")
     if args.gpu_suite:
         others = sorted({word.split("=")[0] for word in argv if word.startswith("--")} - GPU_SUITE_FLAGS)
         if others:
