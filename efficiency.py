@@ -76,6 +76,14 @@ def device_name(device):
     return f"{model}, {torch.get_num_threads()} threads"  # a CPU's peak scales with the threads torch uses
 
 
+def datasheet_peak(device, dtype):
+    """Dense FLOP/s of a GPU in GPU_HALF_PEAKS in bf16/fp16, from its datasheet; None for other devices and dtypes."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        name = device_name(device)
+        return next((flops for key, flops in GPU_HALF_PEAKS if key in name), None)
+    return None
+
+
 def peak_cache_path():
     """The measured peaks live with the machine's other Hugging Face files (HF_HOME): a peak belongs to the
     device, not to one run, so it is measured once and every later run on the device reads it (an output_dir
@@ -132,10 +140,9 @@ def peak_flops(device, dtype, remeasure=False):
     if device.type == "cpu":
         flops, how = cpu_peak(dtype)
         return flops, f"reckoned peak of {name.split(',')[0]}: {how}"
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        for key, flops in GPU_HALF_PEAKS:
-            if key in name:
-                return flops, f"datasheet dense {str(dtype).replace('torch.', '')} peak of {name}"
+    datasheet = datasheet_peak(device, dtype)
+    if datasheet is not None:
+        return datasheet, f"datasheet dense {str(dtype).replace('torch.', '')} peak of {name}"
     key = f"{name} | {str(dtype).replace('torch.', '')} | torch {torch.__version__}"
     path = peak_cache_path()
     peaks = {}

@@ -49,3 +49,88 @@ def test_end_to_end_bench_runs_each_finetune_variant_between_two_baselines(tmp_p
     with pytest.raises(SystemExit, match="--output_dir is set by the benchmark"):  # before anything runs
         bench.main(["--end_to_end", "--workdir", str(tmp_path / "never"), "--finetune_args=--output_dir=elsewhere"])
     assert not (tmp_path / "never").exists()
+
+
+def test_gpu_suite_on_cpu_writes_one_entry_per_item(tmp_path):
+    # the GPU suite's own command at the CPU's settings, so that it runs while no GPU is at hand: every item is
+    # measured or says why not; what needs CUDA is skipped with its reason
+    import bench
+    path = tmp_path / "suite.json"
+    result = bench.main(["--gpu_suite", "--size", "tiny", "--device", "cpu", "--json", str(path),
+                         "--workdir", str(tmp_path / "work")])
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(result))
+    items = written["items"]
+    assert list(items) == [name for name, _, _ in bench.GPU_SUITE] and len(items) == 8
+    skipped = {name for name, entry in items.items() if entry["status"] == "skipped"}
+    assert skipped == {"peak_memory_16x15s", "deepspeed_zero2_fp16", "torch_compile"}  # CUDA only
+    assert all(items[name]["reason"] for name in skipped)
+    measured = {name: entry for name, entry in items.items() if entry["status"] == "measured"}
+    assert set(measured) | skipped == set(items)
+    assert all(entry["summary"] and entry["seconds"] >= 0 for entry in measured.values())
+    rows = measured["full_rows"]["rows"]
+    assert {r["config"] for r in rows["bfloat16"]["results"]} == {"naive", "cache", "duration", "head", "half", "all"}
+    assert rows["float16"]["dtype"] == "torch.float16"
+    assert measured["mfu_and_epoch_hours"]["bfloat16"]["first_epoch_hours"] > 0
+    finetune = measured["finetune_fp16"]
+    assert finetune["efficiency"]["training_steps"] == finetune["steps"] == bench.GPU_SUITE_SETTINGS["cpu"][
+        "finetune_steps"]
+    assert finetune["precision"] == "float32" and "grad scaler" in finetune["note"]
+    transcribed = measured["transcribe_throughput"]
+    assert transcribed["adapter"] == "finetune_fp16"
+    assert all(transcribed[f"batch_{b}"]["audio_s_per_s"] > 0 for b in bench.TRANSCRIBE_BATCHES)
+    levers = measured["eager_attention_and_fill_batches"]
+    assert levers["eager"]["config"] == "all" and levers["fill_batches"]["speedup"] > 0
+    assert written["machine"] and written["settings"] == bench.GPU_SUITE_SETTINGS["cpu"]
+
+
+def test_gpu_suite_cut_short_keeps_the_items_before(tmp_path, monkeypatch):
+    # a failing item is written as failed and the run goes on; a SIGTERM (the run's timeout) cuts it short, and
+    # the file keeps every item that ended before
+    import os
+    import signal
+
+    import bench
+
+    def failing(suite):
+        raise RuntimeError("out of memory")
+
+    def killed(suite):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def measured(suite):
+        return dict(summary="1.00 steps/s", training_seconds=1.0)
+
+    real = {name: (item, seconds) for name, item, seconds in bench.GPU_SUITE}
+    monkeypatch.setattr(bench, "GPU_SUITE", (
+        ("finetune_fp16", measured, 0), ("full_rows", failing, 0),
+        ("mfu_and_epoch_hours", *real["mfu_and_epoch_hours"]), ("peak_memory_16x15s", *real["peak_memory_16x15s"]),
+        ("deepspeed_zero2_fp16", killed, 0), ("transcribe_throughput", *real["transcribe_throughput"])))
+    path = tmp_path / "suite.json"
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="cut short by SIGTERM"):
+        bench.main(["--gpu_suite", "--size", "tiny", "--device", "cpu", "--json", str(path)])
+    items = json.loads(path.read_text())["items"]
+    assert items["finetune_fp16"]["status"] == "measured" and items["finetune_fp16"]["training_seconds"] == 1.0
+    assert items["full_rows"]["status"] == "failed" and "out of memory" in items["full_rows"]["error"]
+    assert items["mfu_and_epoch_hours"]["reason"] == "needs full_rows, which is failed"
+    assert items["peak_memory_16x15s"]["status"] == "skipped"
+    assert items["deepspeed_zero2_fp16"]["status"] == "cut short"
+    assert "SIGTERM" in items["deepspeed_zero2_fp16"]["reason"]
+    assert items["transcribe_throughput"] == dict(status="not reached")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the suite's own handler is gone with it
+
+
+def test_gpu_suite_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+    import bench
+    out = str(tmp_path / "s.json")
+    cases = [(["--steps", "3", "--json", out], "--gpu_suite sets --steps itself"),
+             (["--dtype=float16", "--json", out], "--gpu_suite sets --dtype itself"),
+             ([], "--gpu_suite needs --json FILE")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda", "--json", out], "--device cuda: torch"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            bench.main(["--gpu_suite", "--device", "cpu", *argv])
+        assert message in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "s.json").exists()

@@ -172,6 +172,7 @@ def test_lines_are_written_as_made_and_resume_finishes_the_rest(adapter_dir, tmp
     assert all("text" in r and "reference" in r for r in rows)
     assert "removing its last line, cut short" in err
     assert "transcribed 8 of 8 inputs; 0 failed" in err and "; 8 utterances" in err  # resumed lines counted
+    assert "audio s per second at --batch_size 2" in err  # the decoding rate, of this run's four inputs
 
 
 def test_resume_reads_back_any_hypothesis_and_drops_a_torn_line(tmp_path):
@@ -245,7 +246,7 @@ def test_a_five_minute_file_is_one_line_of_its_windows_joined(adapter_dir, five_
     rows = read_lines(out)
     assert [r["path"] for r in rows] == [str(p) for p in [*short[:4], path, *short[4:]]]  # input order
     row = rows[4]
-    assert set(row) == {"path", "text", "reference", "cuts"}
+    assert set(row) == {"path", "adapter", "text", "reference", "cuts"}
     assert "9 of 9 inputs; 0 failed" in err and "; 1 utterances" in err  # the long input scored as one utterance
 
     windows = [end - start for start, end in cuts]
