@@ -78,12 +78,12 @@ class ClipFilter:
 
     min_duration: float = 0.0
     max_duration: float = float("inf")
-    lowercase: bool = True
+    case: str = "auto"  # text.TRANSCRIPT_CASES
     special_tokens: tuple = ()
 
     def __call__(self, text, duration):
         """(the normalized transcript, why the clip is dropped or None)."""
-        text = normalize_transcript(text, self.lowercase)
+        text = normalize_transcript(text, self.case)
         min_duration = max(self.min_duration, MIN_AUDIO_SAMPLES / SAMPLE_RATE)
         special = next((t for t in self.special_tokens if t in text), None)
         if not text:
@@ -181,7 +181,33 @@ def read_manifest(path, report, require_text=True):
     return records
 
 
-def load_hub_dataset(name, config, split, streaming=False, cache_dir=None):
+TEXT_COLUMNS = ("text", "sentence", "normalized_text", "transcript", "transcription")  # what datasets call it
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a hub dataset hold the audio, the transcript (the first of TEXT_COLUMNS it has, unless
+    named) and an id (the row number where none is named and there is no `id` column)."""
+
+    audio: str = "audio"
+    text: str | None = None
+    id: str | None = None
+
+    def of(self, column_names, name):
+        """These columns for a dataset with `column_names`, the transcript's and the id's found; one line naming
+        what is missing otherwise."""
+        text = self.text or next((c for c in TEXT_COLUMNS if c in column_names), None)
+        for flag, column in (("--audio_column", self.audio), ("--text_column", text), ("--id_column", self.id)):
+            if column is not None and column not in column_names or flag == "--text_column" and column is None:
+                raise ValueError(f"{name} has no {flag.removeprefix('--').replace('_', ' ')} "
+                                 f"{column or '(none of ' + ', '.join(TEXT_COLUMNS) + ')'}: its columns are "
+                                 f"{sorted(column_names)}; pass {flag}")
+        if self.text is None:
+            logger.info(f"{name}: transcripts from its {text!r} column (--text_column to choose another)")
+        return replace(self, text=text, id=self.id or ("id" if "id" in column_names else None))
+
+
+def load_hub_dataset(name, config, split, streaming=False, cache_dir=None, audio_column="audio"):
     """A hub dataset (no loading script), with audio left undecoded: we decode with soundfile."""
     import datasets
 
@@ -190,22 +216,26 @@ def load_hub_dataset(name, config, split, streaming=False, cache_dir=None):
     except Exception as e:  # datasets raises many types for "not reachable"; say what to do in every case
         raise OSError(f"could not load the dataset {name!r} (config {config!r}, split {split!r}): {e}. Offline? "
                       "Use --librispeech_dir with a local LibriSpeech folder, or --train_manifest.") from None
-    return dataset.cast_column("audio", datasets.Audio(decode=False))
+    if audio_column not in dataset.column_names:
+        raise ValueError(f"{name} has no audio column {audio_column}: its columns are {sorted(dataset.column_names)}; "
+                         "pass --audio_column")
+    return dataset.cast_column(audio_column, datasets.Audio(decode=False))
 
 
-def records_from_hub(dataset, report, num_proc=None):
-    """(records, dataset) of a (non-streaming) `datasets.Dataset` with LibriSpeech's hub schema (id, audio, text).
+def records_from_hub(dataset, report, columns=Columns(), num_proc=None):
+    """(records, dataset) of a (non-streaming) `datasets.Dataset`, its audio, transcript and id in `columns`.
     Durations come from each clip's header, computed once and cached by `datasets`. A row's identity is the
     dataset's fingerprint (which `datasets` derives from its data files and transforms) + the row: free, where
     hashing the bytes would read the whole split at every start."""
     import datasets
 
-    if isinstance(dataset.features["audio"], datasets.Audio) and dataset.features["audio"].decode:
-        dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
+    columns = columns.of(dataset.column_names, "the dataset")
+    if isinstance(dataset.features[columns.audio], datasets.Audio) and dataset.features[columns.audio].decode:
+        dataset = dataset.cast_column(columns.audio, datasets.Audio(decode=False))
 
     def header(batch):
         durations = []
-        for audio in batch["audio"]:
+        for audio in batch[columns.audio]:
             try:
                 durations.append(audio_duration(audio["bytes"] if audio.get("bytes") else audio["path"]))
             except Exception:
@@ -215,7 +245,9 @@ def records_from_hub(dataset, report, num_proc=None):
     durations = dataset.map(header, batched=True, num_proc=num_proc, desc="reading audio headers",
                             remove_columns=dataset.column_names)["duration"]
     records = []
-    for row, (utt, text, duration) in enumerate(zip(dataset["id"], dataset["text"], durations)):
+    ids = dataset[columns.id] if columns.id else range(len(dataset))
+    for row, (utt, text, duration) in enumerate(zip(ids, dataset[columns.text], durations)):
+        utt = str(utt)
         if duration < 0:
             report.add("unreadable audio", utt)
             continue

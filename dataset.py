@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from audio import SAMPLE_RATE, DataError, read_audio
 from batching import fill_batches
-from corpus import ClipFilter
+from corpus import ClipFilter, Columns
 from processor import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,10 @@ class SpeechDataset(torch.utils.data.Dataset):
     """Records -> Samples with their audio. `durations` is what the length-grouped samplers and the run summary
     read; `hub_dataset` holds the audio of records that are hub rows."""
 
-    def __init__(self, records, sampling_rate=SAMPLE_RATE, hub_dataset=None, strict_data=False):
+    def __init__(self, records, sampling_rate=SAMPLE_RATE, hub_dataset=None, strict_data=False, audio_column="audio"):
         self.records = records
         self.sampling_rate = sampling_rate
-        self.hub_dataset = hub_dataset
+        self.hub_dataset, self.audio_column = hub_dataset, audio_column
         self.strict_data = strict_data
 
     def __len__(self):
@@ -69,7 +69,7 @@ class SpeechDataset(torch.utils.data.Dataset):
     def load(self, record):
         """The record's audio, 1-D float32 at the sampling rate; DataError when it cannot be read."""
         if record.row is not None:
-            audio = self.hub_dataset[record.row]["audio"]
+            audio = self.hub_dataset[record.row][self.audio_column]
             return read_audio(audio["bytes"] or audio["path"], self.sampling_rate)
         return read_audio(record.path, self.sampling_rate)
 
@@ -98,7 +98,7 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
     differ in length still take the same number of steps (a rank that ran dry would hang the others)."""
 
     def __init__(self, stream, rank=0, world=1, seed=0, shuffle_buffer=1000, clip_filter=ClipFilter(),
-                 strict_data=False, sampling_rate=SAMPLE_RATE):
+                 strict_data=False, sampling_rate=SAMPLE_RATE, columns=Columns()):
         from datasets.distributed import split_dataset_by_node
 
         if shuffle_buffer > 0:  # the same seed on every rank: they must agree on the shard order to split it
@@ -106,6 +106,7 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
         self.stream = split_dataset_by_node(stream, rank, world) if world > 1 else stream
         self.shards_per_rank = stream.num_shards // world if stream.num_shards % world == 0 else stream.num_shards
         self.clip_filter = clip_filter
+        self.columns = columns.of(stream.column_names, "the stream") if stream.column_names else columns
         self.strict_data = strict_data
         self.sampling_rate = sampling_rate
 
@@ -117,19 +118,21 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
             seen = kept = 0
             for row in self.stream:
                 seen += 1
-                audio = row["audio"]
+                if self.columns.text is None:  # a stream whose features were not known up front
+                    self.columns = self.columns.of(list(row), "the stream")
+                audio, utt = row[self.columns.audio], str(row[self.columns.id]) if self.columns.id else f"row {seen}"
                 try:
                     samples = read_audio(audio.get("bytes") or audio["path"], self.sampling_rate)
                 except DataError as e:
-                    skip_bad_clip(row["id"], e, skipped, self.strict_data)
+                    skip_bad_clip(utt, e, skipped, self.strict_data)
                     continue
-                text, reason = self.clip_filter(row["text"], len(samples) / self.sampling_rate)
+                text, reason = self.clip_filter(row[self.columns.text], len(samples) / self.sampling_rate)
                 if reason:
                     if self.strict_data:
-                        raise DataError(f"{row['id']}: {reason} (--strict_data is on)")
+                        raise DataError(f"{utt}: {reason} (--strict_data is on)")
                     filtered[reason] += 1
                     continue
-                yield Sample(id=row["id"], text=text, audio=samples, skipped=skipped, filtered=dict(filtered))
+                yield Sample(id=utt, text=text, audio=samples, skipped=skipped, filtered=dict(filtered))
                 skipped, filtered = [], Counter()
                 kept += 1
             if seen == 0:

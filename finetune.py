@@ -40,7 +40,7 @@ from decoding import decoding_name
 from efficiency import RunEfficiency, fast_on_cpu, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
 from processor import chat_prompt_template
-from text import WER_NORMALIZERS
+from text import TRANSCRIPT_CASES, WER_NORMALIZERS
 from trainer import NonFiniteTraining, SlamASRTrainer, StopDuringEvaluation
 
 logger = logging.getLogger("finetune")
@@ -70,9 +70,17 @@ class DataArguments:
     librispeech_dir: str | None = field(default=None, metadata={
         "help": "Local LibriSpeech root holding split folders (openslr layout)."})
     dataset_name: str | None = field(default=None, metadata={
-        "help": "Hub dataset with LibriSpeech's schema, e.g. openslr/librispeech_asr."})
+        "help": "Hugging Face speech dataset (hub name or local folder), e.g. openslr/librispeech_asr, "
+                "mozilla-foundation/common_voice_17_0, google/fleurs; see --audio_column, --text_column."})
     dataset_config: str | None = field(default=None, metadata={
-        "help": "Config of --dataset_name: clean, other or all."})
+        "help": "Config of --dataset_name (openslr/librispeech_asr: clean, other or all; a language for Common Voice "
+                "or FLEURS)."})
+    audio_column: str = field(default="audio", metadata={"help": "--dataset_name's audio column."})
+    text_column: str | None = field(default=None, metadata={
+        "help": "--dataset_name's transcript column; by default the first of " + ", ".join(corpus.TEXT_COLUMNS) +
+                " it has (the choice is logged)."})
+    id_column: str | None = field(default=None, metadata={
+        "help": "--dataset_name's clip id column; by default `id` where there is one, else the row number."})
     streaming: bool = field(default=False, metadata={
         "help": "Stream --dataset_name instead of downloading it first: clips are decoded and filtered as they "
                 "arrive (needs --max_steps); the first --max_eval_samples clips of the eval split are held in memory."})
@@ -101,7 +109,10 @@ class DataArguments:
     max_duration: float = field(default=30.0, metadata={"help": "Drop clips longer than this (seconds)."})
     max_target_tokens: int = field(default=256, metadata={
         "help": "Truncate transcripts to this many tokens (EOS included); truncations are counted."})
-    lowercase: bool = field(default=True, metadata={"help": "Lower-case transcripts (LibriSpeech is upper case)."})
+    transcript_case: str = field(default="auto", metadata={
+        "help": "Training targets' case: 'auto' lowers transcripts written all in capitals (LibriSpeech's) and keeps "
+                "the others as written, case and punctuation included; 'keep', 'lower', 'upper'.",
+        "choices": list(TRANSCRIPT_CASES)})
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch clips of similar duration together (less padding)."})
     max_batch_seconds: float | None = field(default=None, metadata={
@@ -491,34 +502,38 @@ def load_split(data_args, split, manifest, processor, what, max_samples=None):
         records = corpus.index_librispeech(data_args.librispeech_dir, split, report)
     else:
         hub = corpus.load_hub_dataset(data_args.dataset_name, data_args.dataset_config, split,
-                                      streaming=data_args.streaming)
+                                      streaming=data_args.streaming, audio_column=data_args.audio_column)
         if data_args.streaming:  # an eval split is small: its first clips are held in memory, then indexed
             import datasets
 
             rows = list(tqdm(hub.take(max_samples) if max_samples is not None else hub, total=max_samples,
                              desc=f"reading {what} clips from the stream"))
             hub = datasets.Dataset.from_list(rows)
-        records, hub_dataset = corpus.records_from_hub(hub, report)
+        records, hub_dataset = corpus.records_from_hub(hub, report, columns(data_args))
     if max_samples is not None:
         records = records[:max_samples]
     records = corpus.prepare(what, records, report, clip_filter(data_args, processor), data_args.strict_data)
-    return SpeechDataset(records, processor.sampling_rate, hub_dataset, data_args.strict_data)
+    return SpeechDataset(records, processor.sampling_rate, hub_dataset, data_args.strict_data, data_args.audio_column)
+
+
+def columns(data_args):
+    return corpus.Columns(data_args.audio_column, data_args.text_column, data_args.id_column)
 
 
 def clip_filter(data_args, processor):
     """Which clips are trained on (corpus.ClipFilter): the durations asked for, no transcript that writes out one of
     the LLM's special tokens."""
-    return corpus.ClipFilter(data_args.min_duration, data_args.max_duration, data_args.lowercase,
+    return corpus.ClipFilter(data_args.min_duration, data_args.max_duration, data_args.transcript_case,
                              tuple(processor.special_tokens))
 
 
 def load_train_stream(data_args, training_args, processor):
     """The training split of --dataset_name as a stream: this rank's part, decoded and filtered on the fly."""
     stream = corpus.load_hub_dataset(data_args.dataset_name, data_args.dataset_config, data_args.train_split,
-                                     streaming=True)
+                                     streaming=True, audio_column=data_args.audio_column)
     return StreamingSpeechDataset(stream, training_args.process_index, training_args.world_size, training_args.seed,
                                   data_args.shuffle_buffer_size, clip_filter(data_args, processor),
-                                  data_args.strict_data, processor.sampling_rate)
+                                  data_args.strict_data, processor.sampling_rate, columns(data_args))
 
 
 def log_sizes(model, train_dataset, eval_dataset, data_args):

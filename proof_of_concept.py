@@ -1,76 +1,145 @@
 """
-The quick demo.
+The quick demo: adapter-only training gives a speech recognizer, offline, on a CPU.
 
-    python proof_of_concept.py --tiny
-        Fully offline on CPU: tiny random backbones, trains an adapter on the bundled fixture, prints the loss
-        falling, then transcribes fixture clips with a WER line. A pipeline check, not an accuracy figure.
+    python proof_of_concept.py
+        The offline world (tests/fixtures/world: espeak-ng speech, a tiny CTC-pretrained HuBERT, a tiny chat Llama
+        that knows the world's language) and its committed adapter: transcribes sentences it never heard, in voices
+        it trained on (test-clean) and in one it never heard (test-voice), and prints each split's WER.
+    python proof_of_concept.py --train
+        Trains that adapter from scratch through finetune.py, with the eval WER on `dev` every --eval_steps; then
+        the same with a random LLM of the same shape (the control: a frozen LLM that knows nothing cannot be taught
+        by an adapter alone); prints the table of WERs.
     python proof_of_concept.py --adapter out/slam-asr-hubert-large-tinyllama [--audio a.flac b.wav]
-        The real backbones (by the names in the adapter's config) on a few LibriSpeech test-clean clips
-        (hub copy, streamed) or on your files: reference vs hypothesis per clip, and the WER.
+        The real backbones (by the names in the adapter's config) on a few LibriSpeech test-clean clips (hub copy,
+        streamed) or on your files: reference vs hypothesis per clip, and the WER.
+
+What the toy is, honestly: tests/fixtures/world/README.md.
 """
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
 
-import torch
-
-import corpus
-from audio import read_audio
-from dataset import SpeechDataset
-from decoding import decoding_name
-from model import SlamASR, SlamASRConfig
-from text import normalize_transcript, wer_line, word_error_rate
-
-FIXTURE = Path(__file__).parent / "tests" / "fixtures" / "LibriSpeech"
+WORLD = Path(__file__).resolve().parent / "tests" / "fixtures" / "world"
+SPLITS = ("test-clean", "test-voice")
 
 
-def fixture_split(split):
+def world_args(output_dir, llm=None, steps=600, eval_steps=100, feature_cache=None, *extra):
+    """finetune.py's arguments for an adapter on the world (what make_world.py's demo adapter was trained with)."""
+    return ["--encoder", str(WORLD / "encoder"), "--llm", str(llm or WORLD / "llm"), "--downsample", "2",
+            "--adapter_hidden", "512", "--librispeech_dir", str(WORLD / "LibriSpeech"), "--train_split", "train",
+            "--eval_split", "dev", "--max_eval_samples", "40", "--output_dir", str(output_dir), "--use_cpu",
+            "--max_steps", str(steps), "--per_device_train_batch_size", "16", "--learning_rate", "2e-3",
+            "--eval_steps", str(eval_steps), "--save_steps", str(steps), "--logging_steps", str(eval_steps),
+            "--max_new_tokens", "40", "--wer_normalizer", "simple", "--report_to", "tensorboard",
+            "--dataloader_num_workers", "0", "--seed", "0",
+            *(["--feature_cache", str(feature_cache)] if feature_cache else []), *extra]
+
+
+def random_llm(folder):
+    """A Llama of the world LLM's shape with random weights and its tokenizer: the control."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(AutoConfig.from_pretrained(WORLD / "llm")).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(WORLD / "llm").save_pretrained(folder)
+    return folder
+
+
+def split_clips(split):
+    """(audios, references) of a world split."""
+    import corpus
+    from dataset import SpeechDataset
+
     report = corpus.DataReport(split)
-    dataset = SpeechDataset(corpus.prepare(split, corpus.index_librispeech(FIXTURE, split, report), report))
+    dataset = SpeechDataset(corpus.prepare(split, corpus.index_librispeech(WORLD / "LibriSpeech", split, report),
+                                           report))
     samples = [dataset[i] for i in range(len(dataset))]
     return [s.audio for s in samples], [s.text for s in samples]
 
 
-def show(references, hypotheses, label):
-    for ref, hyp in zip(references, hypotheses):
-        print(f"  REF: {ref}\n  HYP: {hyp}\n")
-    if any(references):
-        print(f"{wer_line(word_error_rate(references, hypotheses), decoding_name(1))} -- {label}")
+def score(model, split, show=0):
+    """The WER of `model` on a world split, printing the first `show` clips."""
+    from text import word_error_rate
+
+    audios, references = split_clips(split)
+    hypotheses = model.transcribe(audios, batch_size=16)
+    for ref, hyp in list(zip(references, hypotheses))[:show]:
+        print(f"  REF: {ref}\n  HYP: {hyp}")
+    return word_error_rate(references, hypotheses, "simple")
 
 
-def tiny_demo(steps):
-    torch.manual_seed(0)
-    model = SlamASR.from_config(SlamASRConfig(encoder="tiny", llm="tiny", adapter_hidden=256))
-    audios, texts = fixture_split("train-clean-100")
-    print(f"training the adapter of a tiny random model on {len(audios)} fixture clips (CPU)")
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    for step in range(1, steps + 1):
-        loss = model.loss(audios, texts)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step == 1 or step % 10 == 0:
-            print(f"  step {step:3d}  loss {loss.item():.3f}")
-    model.eval()
-    print("\nclips it was trained on:")
-    show(texts, model.transcribe(audios, max_new_tokens=20),
-         "pipeline check on training clips with tiny random backbones, not an accuracy figure")
-    test_audios, test_texts = fixture_split("test-clean")
-    print("\nunseen clips (a tiny random model memorizes; it cannot generalize):")
-    show(test_texts, model.transcribe(test_audios, max_new_tokens=20),
-         "pipeline check on unseen clips, not an accuracy figure")
+def world_demo(adapter):
+    from decoding import decoding_name
+    from model import SlamASR
+    from text import wer_line
+
+    model = SlamASR.load_adapter(adapter)
+    print(f"the world's adapter ({adapter}) between its tiny pretrained encoder and LLM, on sentences it never heard")
+    for split in SPLITS:
+        print(f"\n{split} ({'trained voices' if split == 'test-clean' else 'a voice it never heard'}):")
+        scores = score(model, split, show=3)
+        print(f"{wer_line(scores, decoding_name(model.generation_config.num_beams))} -- {split}")
+
+
+def train_demo(steps, eval_steps, workdir):
+    """Trains the world's adapter with the pretrained LLM and with a random one: {name: {split: WER}}."""
+    import finetune
+    from model import SlamASR
+
+    workdir = Path(workdir)
+    cache = workdir / "feature_cache"  # the encoder is frozen: both runs read its features from here
+    table = {}
+    for name, llm in (("pretrained LLM", WORLD / "llm"), ("random LLM", None)):
+        out = workdir / name.replace(" ", "-")
+        llm = llm or random_llm(workdir / "random-llm")
+        print(f"\n=== training the adapter with the {name} ({steps} steps, eval WER on dev every {eval_steps}) ===")
+        code = finetune.main(world_args(out, llm, steps, eval_steps, cache))
+        if code:
+            return code, table
+        model = SlamASR.load_adapter(out)
+        table[name] = {split: score(model, split)["wer"] for split in SPLITS}
+    table["encoder's own CTC, greedy"] = {split: ctc_wer(split) for split in SPLITS}
+    print(f"\nWER ({', '.join(SPLITS)}; simple normalizer, greedy):")
+    for name, wers in table.items():
+        print(f"  {name:28s} " + "  ".join(f"{100 * wers[s]:6.2f}%" for s in SPLITS))
+    return 0, table
+
+
+def ctc_wer(split):
+    """The world encoder's own greedy CTC decoding: what the frozen LLM has to beat."""
+    import torch
+    from transformers import HubertForCTC, Wav2Vec2Processor
+
+    from text import word_error_rate
+
+    processor = Wav2Vec2Processor.from_pretrained(WORLD / "encoder")
+    model = HubertForCTC.from_pretrained(WORLD / "encoder", dtype=torch.float32).eval()
+    audios, references = split_clips(split)
+    hypotheses = []
+    with torch.no_grad():
+        for start in range(0, len(audios), 16):
+            batch = processor(audio=audios[start:start + 16], sampling_rate=16000, return_tensors="pt", padding=True)
+            ids = model(batch.input_values, attention_mask=batch.attention_mask).logits.argmax(-1)
+            lengths = model._get_feat_extract_output_lengths(batch.attention_mask.sum(-1))
+            hypotheses += processor.batch_decode([row[:n] for row, n in zip(ids, lengths)])
+    return word_error_rate(references, hypotheses, "simple")["wer"]
 
 
 def real_demo(args):
-    if args.adapter:
-        model = SlamASR.load_adapter(args.adapter, torch_dtype=torch.float16 if args.device == "cuda" else None)
-    else:
-        print("=" * 80 + "\nNO ADAPTER GIVEN: the adapter is untrained (random), so the output below is meaningless.\n"
-              "Train one with `bash script.sh` and pass --adapter OUTPUT_DIR.\n" + "=" * 80)
-        model = SlamASR.from_config(SlamASRConfig(), torch_dtype=torch.float16 if args.device == "cuda" else None)
-    model = model.to(args.device).eval()
+    import torch
+
+    import corpus
+    from audio import read_audio
+    from decoding import decoding_name
+    from model import SlamASR
+    from text import normalize_transcript, wer_line, word_error_rate
+
+    dtype = torch.float16 if args.device == "cuda" else None
+    model = SlamASR.load_adapter(args.adapter, torch_dtype=dtype).to(args.device).eval()
     if args.audio:
         audios, references = [read_audio(a, model.sampling_rate) for a in args.audio], [""] * len(args.audio)
     else:
@@ -78,25 +147,44 @@ def real_demo(args):
         rows = list(hub.take(args.num_clips))
         audios = [read_audio(r["audio"]["bytes"], model.sampling_rate) for r in rows]
         references = [normalize_transcript(r["text"]) for r in rows]
-    hypotheses = model.transcribe(audios, max_new_tokens=200)
-    show(references, hypotheses, "UNTRAINED ADAPTER, meaningless" if not args.adapter else
-         f"{len(audios)} LibriSpeech test-clean clips (a handful: use transcribe.py for a real score)")
+    hypotheses = model.transcribe(audios)
+    for ref, hyp in zip(references, hypotheses):
+        print(f"  REF: {ref}\n  HYP: {hyp}\n")
+    if any(references):
+        print(f"{wer_line(word_error_rate(references, hypotheses), decoding_name(model.generation_config.num_beams))}"
+              f" -- {len(audios)} LibriSpeech test-clean clips (a handful: use transcribe.py for a real score)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="offline pipeline check with tiny random backbones")
-    p.add_argument("--steps", type=int, default=80, help="adapter training steps of the --tiny demo")
-    p.add_argument("--adapter", help="trained adapter directory (finetune.py's output_dir)")
-    p.add_argument("--audio", nargs="+", help="your own audio files instead of LibriSpeech test clips")
-    p.add_argument("--num_clips", type=int, default=5, help="LibriSpeech test-clean clips to transcribe")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--train", action="store_true", help="train the world's adapter from scratch, and the control")
+    p.add_argument("--steps", type=int, default=600, help="--train: adapter training steps of each run")
+    p.add_argument("--eval_steps", type=int, default=100, help="--train: steps between eval WERs on dev")
+    p.add_argument("--workdir", help="--train: where the runs go (default: a temporary folder)")
+    p.add_argument("--results", help="--train: write the table here as JSON")
+    p.add_argument("--adapter", help="a trained adapter (finetune.py's output_dir) on the real backbones")
+    p.add_argument("--audio", nargs="+", help="with --adapter: your own audio files instead of LibriSpeech clips")
+    p.add_argument("--num_clips", type=int, default=5, help="with --adapter: LibriSpeech test-clean clips")
+    p.add_argument("--device", default=None, help="with --adapter: cuda or cpu (default: cuda where there is one)")
     args = p.parse_args(argv)
-    if args.tiny:
-        tiny_demo(args.steps)
-    else:
+    if (args.audio or args.device) and not args.adapter:
+        p.error("--audio and --device go with --adapter (the real backbones); the world runs on the CPU")
+    if args.steps < 1 or args.eval_steps < 1 or args.num_clips < 1:
+        p.error("--steps, --eval_steps and --num_clips must be at least 1")
+    if args.adapter:
+        import torch
+
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         real_demo(args)
-    return 0
+        return 0
+    if not args.train:
+        world_demo(WORLD / "adapter")
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        code, table = train_demo(args.steps, args.eval_steps, args.workdir or scratch)
+    if args.results and not code:
+        Path(args.results).write_text(json.dumps(table, indent=2) + "\n")
+    return code
 
 
 if __name__ == "__main__":

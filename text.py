@@ -7,17 +7,25 @@ import re
 import unicodedata
 
 
-def normalize_transcript(text, lowercase=True):
-    """Unicode NFKC, control characters dropped, whitespace collapsed; LibriSpeech's upper case lowered."""
+TRANSCRIPT_CASES = ("auto", "keep", "lower", "upper")
+
+
+def normalize_transcript(text, case="auto"):
+    """Unicode NFKC, control characters dropped, whitespace collapsed, then the case: `auto` lowers a transcript
+    written all in capitals (LibriSpeech's: they carry no case to learn, and a chat LLM writes lower case far more
+    often) and keeps any other as written (Common Voice's, FLEURS' raw text: case and punctuation are part of the
+    target); `keep`, `lower` and `upper` do what they say."""
     text = unicodedata.normalize("NFKC", text)
     text = "".join(c if unicodedata.category(c)[0] != "C" else " " for c in text)
     text = " ".join(text.split())
-    return text.lower() if lowercase else text
+    if case == "lower" or case == "auto" and text.isupper():
+        return text.lower()
+    return text.upper() if case == "upper" else text
 
 
 def normalize_for_wer(text):
     """The training normalization, lower-cased, with punctuation other than apostrophes removed."""
-    text = normalize_transcript(text, lowercase=True)
+    text = normalize_transcript(text, "lower")
     return " ".join(re.sub(r"[^\w\s']", " ", text).split())
 
 

@@ -143,3 +143,45 @@ def test_text_that_is_not_utf8_is_counted_not_trained_as_replacement_characters(
     report = DataReport("m")
     assert [r.text for r in read_manifest(manifest, report)] == ["first"]  # line 1 is not lost to the mark
     assert report.examples["line is not UTF-8 text (convert the file: iconv -f latin1 -t utf-8)"] == [f"{manifest}:2"]
+
+
+def layout(kind, rows):
+    """The fixture rows in the column layout of Common Voice (`sentence`, its own `path` column, mixed case with
+    punctuation), FLEURS (`transcription`, `raw_transcription`, no `id`) or a plain audio + text dataset."""
+    import datasets
+
+    out = []
+    for i, r in enumerate(rows):
+        text = r["text"].capitalize() + "."
+        if kind == "common_voice":
+            out.append({"client_id": "x", "path": r["audio"]["path"], "audio": r["audio"], "sentence": text})
+        elif kind == "fleurs":
+            out.append({"num_samples": i, "audio": r["audio"], "transcription": r["text"].lower(),
+                        "raw_transcription": text})
+        else:
+            out.append({"audio": r["audio"], "text": text})
+    return datasets.Dataset.from_list(out).cast_column("audio", datasets.Audio(decode=False))
+
+
+@pytest.mark.parametrize("kind, column, case, expected", [
+    ("common_voice", None, "auto", "The wind blew all night."),  # Common Voice's case and punctuation, kept
+    ("fleurs", None, "auto", "the wind blew all night"),  # FLEURS' `transcription` is normalized already
+    ("fleurs", "raw_transcription", "lower", "the wind blew all night."),
+    ("plain", None, "upper", "THE WIND BLEW ALL NIGHT."),
+])
+def test_any_speech_dataset_by_its_columns(kind, column, case, expected, caplog):
+    rows = hub_rows("test-clean")
+    report = DataReport("hub")
+    with caplog.at_level("INFO"):
+        records, hub = records_from_hub(layout(kind, rows), report, corpus.Columns(text=column))
+    if column is None:
+        assert f"transcripts from its {('sentence' if kind == 'common_voice' else 'transcription' if kind == 'fleurs' else 'text')!r} column" in caplog.text
+    assert [r.id for r in records] == ([str(i) for i in range(len(rows))])  # no id column: the row number
+    dataset = build_dataset("hub", records, report, hub_dataset=hub, case=case)
+    assert dataset[0].text == expected and len(dataset[0].audio) > 16000
+
+
+def test_a_missing_column_is_named_with_the_columns_there_are():
+    with pytest.raises(ValueError, match=r"has no text column \(none of text, sentence.*its columns are \['audio', "
+                                         r"'words'\]; pass --text_column"):
+        records_from_hub(layout("plain", hub_rows("dev-clean")).rename_column("text", "words"), DataReport("x"))

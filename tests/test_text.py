@@ -6,8 +6,11 @@ import text
 
 
 def test_normalizer_shared_by_targets_and_wer():
-    assert text.normalize_transcript("  HELLO,\tWorld\u0007 ") == "hello, world"
-    assert text.normalize_transcript("MIXED Case", lowercase=False) == "MIXED Case"
+    assert text.normalize_transcript("  HELLO,\tWorld\u0007 ", "lower") == "hello, world"
+    assert text.normalize_transcript("MIXED Case", "keep") == "MIXED Case"
+    assert text.normalize_transcript("Mixed Case, kept.") == "Mixed Case, kept."  # auto: only capitals lowered
+    assert text.normalize_transcript("ALL CAPITALS") == "all capitals"
+    assert text.normalize_transcript("Mixed", "upper") == "MIXED" and text.normalize_transcript("Mixed", "lower") == "mixed"
     assert text.normalize_for_wer("Don't  STOP, now!") == "don't stop now"
     for normalizer in text.WER_NORMALIZERS:
         scores = text.word_error_rate(["the cat sat", "a b", "   "], ["the cat sat down", "a", "x y"], normalizer)
