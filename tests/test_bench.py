@@ -10,7 +10,7 @@ def test_bench_smoke(tmp_path):
     summary = bench.main(["--size", "tiny", "--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "1",
                           "--json", str(tmp_path / "b.json")])
     by_name = {r["config"]: r for r in summary["results"]}
-    assert set(by_name) == {"naive", "cache", "duration", "head", "all"}  # no half lever at float32
+    assert set(by_name) == {"naive", "cache", "duration", "head", "prefix", "all"}  # no half lever at float32
     assert by_name["cache"]["step_ms"]["encoder"] < 0.01 * by_name["naive"]["step_ms"]["encoder"]  # never runs
     assert summary["speedup_vs_naive"] > 0 and 0 < by_name["all"]["mfu"] < 1
     assert (tmp_path / "b.json").is_file()
