@@ -273,7 +273,7 @@ class SlamASR(nn.Module):
         # once and every forward and generation starts from them (prefix_cache). bench.py's naive reference turns
         # this off to run the prefix through the LLM in every step.
         self.cache_prefix = True
-        self._prefix = None  # (what it was computed from: _prefix_key(), its keys and values per layer)
+        self._prefix = None  # (_prefix_key() of what it was computed from, its keys and values per layer)
         # transformers 5.24 renamed the LLM's past_key_values argument to `cache` (the old name warns, and goes
         # in 5.40); 5.23 knows only the old one
         self.cache_argument = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
@@ -462,26 +462,26 @@ class SlamASR(nn.Module):
         P = len(self.prefix_ids)
         prefix = self.prefix_cache(B)
         if prefix is None:
-            hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+            out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         else:
             # Right padding puts every row's prefix at 0..P-1, where the cache holds it: the LLM runs on the rest
             # (speech, suffix, transcript), whose queries attend to the cached prefix keys and values; the mask
             # covers prefix + rest, positions go on from P. No prefix position has a target: none is lost.
-            hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds[:, P:], attention_mask=attention_mask,
-                                            position_ids=torch.arange(P, L, device=attention_mask.device)[None],
-                                            **{self.cache_argument: prefix})
+            out = self.llm.get_decoder()(inputs_embeds=inputs_embeds[:, P:], attention_mask=attention_mask,
+                                         position_ids=torch.arange(P, L, device=attention_mask.device)[None],
+                                         **{self.cache_argument: prefix})
             targets = targets[:, P:]  # (B, L-P), as the hidden states
-        hidden = hidden.last_hidden_state  # (B, L, d_llm), or (B, L-P, d_llm) after the cached prefix
+        hidden = out.last_hidden_state  # (B, L', d_llm): L' = L, or L - P after the cached prefix
         next_targets = targets[:, 1:]  # position t predicts token t+1
         lm_head = self.llm.get_output_embeddings()
         if self.head_on_targets_only:
             # Only positions followed by a label go through the LM head: at a 32k vocabulary the (B, L, V)
             # logits over prompt and speech positions would cost more memory than the rest of the step.
-            predicts = next_targets != -100  # (B, L-1)
+            predicts = next_targets != -100  # (B, L'-1)
             logits = lm_head(hidden[:, :-1][predicts])  # (N, V)
             loss = F.cross_entropy(logits.float(), next_targets[predicts])
         else:
-            logits = lm_head(hidden[:, :-1])  # (B, L-1, V)
+            logits = lm_head(hidden[:, :-1])  # (B, L'-1, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), next_targets.flatten(), ignore_index=-100)
         device = labels.device
         through_llm = len(self.suffix_ids) + (P if prefix is None else 0)  # prompt tokens per clip the LLM ran on
