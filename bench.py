@@ -7,14 +7,15 @@ the same clips, with backbones built from configs (random weights: the figures a
     python bench.py --end_to_end --json docs/e2e_base_cpu.json    (finetune.py vs a straightforward trainer)
     python bench.py --gpu_suite --json gpu_suite.json             (every GPU figure still open, in one run)
 
-Configurations: `naive` (encoder every step, random batches, LM head over every position, float32
-backbones), each lever alone (`cache`: frozen-encoder feature cache; `duration`: batches by total audio
-seconds; `head`: LM head only on labelled positions; `half`: half-precision backbones with autocast), and
-`all` together. Prints a table, `speedup vs naive: N.Nx`, and a projection of hours per LibriSpeech-960 h epoch.
+Configurations: `naive` (encoder every step, random batches, LM head over every position, the prompt's prefix
+through the LLM every step, float32 backbones), each lever alone (`cache`: frozen-encoder feature cache; `duration`:
+batches by total audio seconds; `head`: LM head only on labelled positions; `prefix`: the prompt prefix's keys and
+values computed once; `half`: half-precision backbones with autocast), and `all` together. Prints a table, `speedup vs naive: N.Nx`, and a projection of hours per LibriSpeech-960 h epoch.
 
 `--end_to_end` times whole runs instead of steps: finetune.py start to finish, against a straightforward trainer
-of our own (a plain PyTorch loop: encoder every step, LM head over every position, fixed batches of 4 clips,
-float32), both reading the same backbones saved to folders and the same flac clips, for the same epochs.
+of our own (a plain PyTorch loop: encoder every step, LM head over every position, the prompt prefix through the
+LLM every step, fixed batches of 4 clips, float32), both reading the same backbones saved to folders and the same
+flac clips, for the same epochs.
 
 `--gpu_suite` measures the GPU figures docs/PERFORMANCE.md leaves open, eight items (GPU_SUITE) in one run of at
 most 8 minutes on one GPU, full size and CUDA by default: the levers' rows in bf16 and fp16, MFU and epoch hours,
@@ -160,7 +161,6 @@ def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, l
     model.train()
     split = dict(data=0.0, encoder=0.0, llm=0.0, optimizer=0.0)
     audio_seconds = padded_seconds = samples = flops = 0.0
-    P, Q = len(model.prefix_ids), len(model.suffix_ids)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     autocast = torch.autocast(device.type, dtype=half_dtype, enabled=half_dtype is not None)
@@ -203,7 +203,7 @@ def run_config(name, model, clips, batches, cache, half_dtype, device, warmup, l
         padded_seconds += max(durations) * len(durations)
         samples += len(chosen)
         speech = model.speech_lengths(torch.tensor([len(c["audio"]) for c in chosen])).sum().item()
-        flops += model.flops_per_step(sum(durations), speech, len(chosen) * (P + Q), out.num_tokens.item(),
+        flops += model.flops_per_step(sum(durations), speech, out.prompt_tokens.item(), out.num_tokens.item(),
                                       train_encoder=cache is None, clips=len(chosen))
     seconds = sum(split.values())
     return dict(config=name, audio_s_per_s=audio_seconds / seconds, samples_per_s=samples / seconds,
@@ -231,8 +231,8 @@ def parse_args(argv=None):
     p.add_argument("--clip_seconds", type=float, default=None,
                    help="every synthetic clip this long (default: LibriSpeech-like, 2-20 s), e.g. 15 with "
                         "--batch_size 16 for the peak memory of 16 x 15 s")
-    p.add_argument("--configs", default="naive,cache,duration,head,half,all",
-                   help="comma-separated subset of naive,cache,duration,head,half,all")
+    p.add_argument("--configs", default="naive,cache,duration,head,prefix,half,all",
+                   help="comma-separated subset of naive,cache,duration,head,prefix,half,all")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM body in the `all` configuration")
     p.add_argument("--attn_implementation", choices=["eager", "sdpa"], default=None,
                    help="attention kernel of both backbones (default: transformers' choice, sdpa)")
@@ -306,9 +306,10 @@ def main(argv=None):
     if len(packed) < steps:
         raise SystemExit(f"--clips {len(clips)} gives only {len(packed)} duration batches; raise --clips")
 
-    levers = dict(naive=(False, False, False, False), cache=(True, False, False, False),
-                  duration=(False, True, False, False), head=(False, False, True, False),
-                  half=(False, False, False, True), all=(True, True, True, half is not None))
+    levers = dict(naive=(False, False, False, False, False), cache=(True, False, False, False, False),
+                  duration=(False, True, False, False, False), head=(False, False, True, False, False),
+                  prefix=(False, False, False, True, False), half=(False, False, False, False, True),
+                  all=(True, True, True, True, half is not None))
     half_base = None
     initial_adapter = copy.deepcopy(base.adapter)
     caches, fill_speed = {}, {}
@@ -317,7 +318,7 @@ def main(argv=None):
     print(f"{args.size} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"{len(clips)} clips of mean {mean:.1f} s, batches of {naive_batch} clips or {max_batch_seconds:.0f} s")
     for name in configs:
-        use_cache, by_duration, head_only, use_half = levers[name]
+        use_cache, by_duration, head_only, cache_prefix, use_half = levers[name]
         model = base
         if use_half:
             if half_base is None:
@@ -329,6 +330,7 @@ def main(argv=None):
             model = half_base
         model = sharing(model, adapter=copy.deepcopy(initial_adapter))  # every configuration starts from one init
         model.head_on_targets_only = head_only
+        model.cache_prefix = cache_prefix
         if args.compile and name == "all":
             model.llm = sharing(model.llm, model=torch.compile(model.llm.model, dynamic=True))
         cache = None
@@ -465,14 +467,15 @@ def write_inputs(workdir, size, clips, device="cpu", clip_seconds=None):
 def straightforward_run(workdir, epochs):
     """The baseline, in its own process: loads the backbones as finetune.py does, then a plain PyTorch loop over
     fixed batches of E2E_BATCH clips in manifest order, each step reading its flac files and running the encoder,
-    the LM head over every position, float32. Prints its FLOPs (as finetune.py counts them) as JSON."""
+    the LM head over every position, the prompt prefix through the LLM, float32. Prints its FLOPs (as finetune.py counts them) as JSON."""
     start = time.perf_counter()
     model = SlamASR.from_config(SlamASRConfig(encoder=f"{workdir}/encoder", llm=f"{workdir}/llm"))
     model.head_on_targets_only = False
+    model.cache_prefix = False
     records = read_manifest(f"{workdir}/train.jsonl", DataReport("train"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    flops, P, Q = 0.0, len(model.prefix_ids), len(model.suffix_ids)
+    flops = 0.0
     for _ in range(epochs):
         for i in range(0, len(records), E2E_BATCH):
             batch = records[i:i + E2E_BATCH]
@@ -484,7 +487,7 @@ def straightforward_run(workdir, epochs):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             flops += model.flops_per_step(audio_lengths.sum().item() / SAMPLE_RATE,
-                                          model.speech_lengths(audio_lengths).sum().item(), len(batch) * (P + Q),
+                                          model.speech_lengths(audio_lengths).sum().item(), out.prompt_tokens.item(),
                                           out.num_tokens.item())
     print(json.dumps(dict(flops=flops, seconds_in_process=time.perf_counter() - start, loss=out.loss.item())))
 

@@ -4,8 +4,9 @@ What a training run cost and how well it used the device, nanoGPT's `estimate_mf
 steps), wall time per phase (start-up, indexing, cache fill, training, evaluation), and MFU against the
 device's dense matmul peak in the run's dtype.
 
-Model FLOPs count useful work, as MFU does: each batch's real audio seconds, speech tokens, prompt tokens and
-transcript tokens through SlamASR.flops_per_step; padding is waste and is not counted. Evaluation (eval loss
+Model FLOPs count useful work, as MFU does: each batch's real audio seconds, speech tokens, prompt tokens the LLM
+ran on (the suffix; the prefix too where it is not cached) and transcript tokens through SlamASR.flops_per_step;
+padding is waste and is not counted. Evaluation (eval loss
 and WER generation) is timed but its FLOPs are not counted: its time lowers the whole-run MFU.
 """
 

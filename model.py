@@ -10,9 +10,11 @@ files of audio or datasets.
 """
 
 import contextlib
+import inspect
 import json
 import logging
 import os
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 from transformers.utils import ModelOutput
 
 import inference
@@ -198,7 +200,7 @@ class SlamASROutput(ModelOutput):
     loss: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None  # supervised tokens (transcript + EOS) the loss averages over
     speech_tokens: torch.Tensor | None = None  # speech embeddings spliced in, all clips
-    prompt_tokens: torch.Tensor | None = None  # prompt prefix + suffix tokens, all clips
+    prompt_tokens: torch.Tensor | None = None  # prompt tokens through the LLM, all clips: suffix (+ prefix uncached)
     audio_seconds: torch.Tensor | None = None  # audio through the encoder in this step (0 from the feature cache)
     encoded_clips: torch.Tensor | None = None  # clips through the encoder in this step
 
@@ -301,6 +303,14 @@ class SlamASR(nn.Module):
         self.encoder_batches_exactly = self.encoder_kind.batches_exactly  # may the feature cache batch clips
         # The naive reference in bench.py turns this off to price the LM head over every position.
         self.head_on_targets_only = True
+        # The prompt's prefix is the same for every clip and the LLM is frozen: its keys and values are computed
+        # once and every forward and generation starts from them (prefix_cache). bench.py's naive reference turns
+        # this off to run the prefix through the LLM in every step.
+        self.cache_prefix = True
+        self._prefix = None  # (_prefix_key() of what it was computed from, its keys and values per layer)
+        # transformers 5.24 renamed the LLM's past_key_values argument to `cache` (the old name warns, and goes
+        # in 5.40); 5.23 knows only the old one
+        self.cache_argument = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
         for p in self.encoder.parameters():
             p.requires_grad_(False)
@@ -396,13 +406,15 @@ class SlamASR(nn.Module):
 
     # --- splice: [prefix] [speech] [suffix] [transcript + EOS] -------------------------------------------
 
-    def splice(self, speech_embeds, speech_lengths, labels=None, left_pad=False):
+    def splice(self, speech_embeds, speech_lengths, labels=None, pad_after_prefix=False):
         """Builds the LLM's input around the speech embeddings.
 
         speech_embeds (B, S, d_llm), speech_lengths (B,); labels (B, T) transcript + EOS ids padded with -100,
         or None to build generation prompts. Returns inputs_embeds (B, L, d_llm), attention_mask (B, L) and
         targets (B, L): the label of each position, -100 everywhere but transcript + EOS.
-        Right-padded for training; left-padded (left_pad=True) for generation so every prompt ends at L.
+        Right-padded for training. For generation (pad_after_prefix=True) the padding sits between the prefix and
+        the speech, so that every prompt ends at L (where generation goes on) and, as in training, every prefix
+        sits at 0..P-1 (where the cached prefix keys and values go); generate's position ids skip the padding.
         """
         B, device = speech_embeds.shape[0], speech_embeds.device
         P, Q = len(self.prefix_ids), len(self.suffix_ids)
@@ -411,8 +423,10 @@ class SlamASR(nn.Module):
         target_lengths = (labels != -100).sum(dim=1)
         lengths = P + speech_lengths + Q + target_lengths  # (B,)
         L = int(lengths.max())
-        shift = (L - lengths) if left_pad else torch.zeros_like(lengths)
-        pos = torch.arange(L, device=device)[None] - shift[:, None]  # (B, L) position within each sequence
+        pos = torch.arange(L, device=device).expand(B, L)  # (B, L) position within each sequence
+        if pad_after_prefix:  # past the prefix, each row's L - length padding positions come first: -1
+            shifted = pos - (L - lengths)[:, None]
+            pos = torch.where(pos < P, pos, torch.where(shifted < P, -1, shifted))
         after = pos - (P + speech_lengths)[:, None]  # position within the suffix + transcript tail
 
         # token ids at every text position (speech positions are overwritten below)
@@ -434,6 +448,41 @@ class SlamASR(nn.Module):
         targets = torch.where((after >= Q) & (after < Q + target_lengths[:, None]), ids, -100)
         return inputs_embeds, attention_mask, targets
 
+    # --- the prompt prefix's keys and values, computed once ------------------------------------------------
+
+    def _prefix_key(self):
+        """What the prefix's keys and values depend on, cheap to compare every step: the prompt's ids and the LLM's
+        weights (each tensor's storage, in-place version, dtype and device: .to(), load_state_dict and a new LLM
+        each change them; the weak reference to the LLM tells a new one from an old one at the same addresses),
+        the autocast dtype and the attention kernel. Not seen: a round trip of the weights' dtype (.to(bfloat16),
+        then back) between two forwards that lands every tensor at its old address; the cache would then hold the
+        keys and values of the weights before the rounding."""
+        device = self.prefix_ids.device.type
+        decoder = self.llm.get_decoder()
+        tensors = (self.prefix_ids, *decoder.parameters(), *decoder.buffers())
+        return (weakref.ref(self.llm), tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
+                torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+                self.llm.config._attn_implementation)
+
+    @torch.compiler.disable  # bookkeeping in Python (weak references, storage addresses) that dynamo cannot trace
+    def prefix_cache(self, rows):
+        """A new DynamicCache holding the prompt prefix's keys and values for `rows` sequences (each (rows,
+        kv_heads, P, head_dim) per layer), or None where the prefix is not cached (cache_prefix off, or no
+        prefix). Computed once (no grad, under the caller's autocast) and again only when _prefix_key() changes;
+        a forward appends to the cache it is given, so each call gets its own, and the stored tensors never
+        change."""
+        if not self.cache_prefix or not len(self.prefix_ids):
+            return None
+        key = self._prefix_key()
+        if self._prefix is None or self._prefix[0] != key:
+            with torch.no_grad():
+                cache = DynamicCache(config=self.llm.config)
+                embeds = self.llm.get_input_embeddings()(self.prefix_ids[None])  # (1, P, d_llm)
+                self.llm.get_decoder()(inputs_embeds=embeds, use_cache=True, **{self.cache_argument: cache})
+            self._prefix = key, tuple(cache)  # per layer: keys, values (1, kv_heads, P, head_dim), sliding window
+        return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), *rest)
+                             for k, v, *rest in self._prefix[1]], config=self.llm.config)
+
     # --- loss ----------------------------------------------------------------------------------------------
 
     def forward(self, input_values=None, audio_lengths=None, labels=None, encoder_frames=None, frame_lengths=None,
@@ -446,22 +495,36 @@ class SlamASR(nn.Module):
             encoder_frames, frame_lengths = self.encode(_audio_batch(input_values, input_features), audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
         inputs_embeds, attention_mask, targets = self.splice(speech_embeds, speech_lengths, labels)
-        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        B, L = attention_mask.shape
+        P = len(self.prefix_ids)
+        prefix = self.prefix_cache(B)
+        if prefix is None:
+            out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        else:
+            # Right padding puts every row's prefix at 0..P-1, where the cache holds it: the LLM runs on the rest
+            # (speech, suffix, transcript), whose queries attend to the cached prefix keys and values; the mask
+            # covers prefix + rest, positions go on from P. No prefix position has a target: none is lost.
+            out = self.llm.get_decoder()(inputs_embeds=inputs_embeds[:, P:], attention_mask=attention_mask,
+                                         position_ids=torch.arange(P, L, device=attention_mask.device)[None],
+                                         **{self.cache_argument: prefix})
+            targets = targets[:, P:]  # (B, L-P), as the hidden states
+        hidden = out.last_hidden_state  # (B, L', d_llm): L' = L, or L - P after the cached prefix
         next_targets = targets[:, 1:]  # position t predicts token t+1
         lm_head = self.llm.get_output_embeddings()
         if self.head_on_targets_only:
             # Only positions followed by a label go through the LM head: at a 32k vocabulary the (B, L, V)
             # logits over prompt and speech positions would cost more memory than the rest of the step.
-            predicts = next_targets != -100  # (B, L-1)
+            predicts = next_targets != -100  # (B, L'-1)
             logits = lm_head(hidden[:, :-1][predicts])  # (N, V)
             loss = F.cross_entropy(logits.float(), next_targets[predicts])
         else:
-            logits = lm_head(hidden[:, :-1])  # (B, L-1, V)
+            logits = lm_head(hidden[:, :-1])  # (B, L'-1, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), next_targets.flatten(), ignore_index=-100)
-        B, device = labels.shape[0], labels.device
+        device = labels.device
+        through_llm = len(self.suffix_ids) + (P if prefix is None else 0)  # prompt tokens per clip the LLM ran on
         return SlamASROutput(
             loss=loss, num_tokens=(next_targets != -100).sum(), speech_tokens=speech_lengths.sum(),
-            prompt_tokens=torch.tensor(B * (len(self.prefix_ids) + len(self.suffix_ids)), device=device),
+            prompt_tokens=torch.tensor(B * through_llm, device=device),
             audio_seconds=(audio_lengths.sum().double() / self.sampling_rate if encoded
                            else torch.zeros((), device=device)),
             encoded_clips=torch.tensor(B if encoded else 0, device=device))
@@ -506,18 +569,22 @@ class SlamASR(nn.Module):
     def generate(self, input_values=None, audio_lengths=None, encoder_frames=None, frame_lengths=None,
                  input_features=None):
         """One padded batch (the processor's audio, or cached encoder frames) -> list of transcripts, decoded with
-        `generation_config` and `decoding_bounds`; stops at EOS, uses the KV cache, prompts left-padded. A clip of
-        digital silence gives ""."""
+        `generation_config` and `decoding_bounds`; stops at EOS, uses the KV cache (starting from the cached prompt
+        prefix), prompts padded between prefix and speech. A clip of digital silence gives ""."""
         features = _audio_batch(input_values, input_features)
         if encoder_frames is None:
             encoder_frames, frame_lengths = self.encode(features, audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
-        inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, left_pad=True)
+        inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, pad_after_prefix=True)
         seconds = frame_lengths.float() / self.frame_rate  # (B,)
         config = self.generation_config
         bound = self.decoding_bounds.logits_processor(seconds.repeat_interleave(config.num_beams), config.eos_token_id)
+        # With a cache of the first P positions, generate runs its prefill on inputs_embeds[:, P:] only. It expands
+        # the inputs, not a cache it is given, to num_beams rows per clip: the cache comes with them already.
+        prefix = self.prefix_cache(len(inputs_embeds) * config.num_beams)
+        cached = {} if prefix is None else {self.cache_argument: prefix}
         out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config,
-                                logits_processor=LogitsProcessorList([bound]))
+                                logits_processor=LogitsProcessorList([bound]), **cached)
         # (B, new tokens): with inputs_embeds only, generate returns just the continuation
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         if features is not None:  # digital silence: nothing to transcribe
@@ -614,7 +681,10 @@ class SlamASR(nn.Module):
         clip (600 encoder frames, ~200 LLM positions) they would add about 9 % to HuBERT's count and 2-4 % to
         the LLM's, so an MFU from this count errs low. `train_encoder=False` leaves out the encoder's forward
         (feature cache). `clips`, the step's number of clips, is needed for Whisper, whose encoder runs each
-        clip's whole 30 s window."""
+        clip's whole 30 s window. `text_tokens` are the prompt tokens the LLM runs on (SlamASROutput.prompt_tokens:
+        the suffix, and the prefix unless it is cached); the cached prefix's own forward, P tokens once per run
+        and dtype, is left out (0.4 % of the LLM's work in bench.py's 3-epoch run of 12 clips, less in any longer
+        one)."""
         llm = self.llm.config
         encoder_flops = self.encoder_kind.flops(audio_seconds, clips) if train_encoder else 0.0
         adapter_flops = 3 * 2 * sum(p.numel() for p in self.adapter.parameters()) * speech_tokens

@@ -10,7 +10,7 @@ def test_bench_smoke(tmp_path):
     summary = bench.main(["--size", "tiny", "--device", "cpu", "--batch_size", "2", "--steps", "1", "--warmup", "1",
                           "--json", str(tmp_path / "b.json")])
     by_name = {r["config"]: r for r in summary["results"]}
-    assert set(by_name) == {"naive", "cache", "duration", "head", "all"}  # no half lever at float32
+    assert set(by_name) == {"naive", "cache", "duration", "head", "prefix", "all"}  # no half lever at float32
     assert by_name["cache"]["step_ms"]["encoder"] < 0.01 * by_name["naive"]["step_ms"]["encoder"]  # never runs
     assert summary["speedup_vs_naive"] > 0 and 0 < by_name["all"]["mfu"] < 1
     assert (tmp_path / "b.json").is_file()
@@ -69,7 +69,7 @@ def test_gpu_suite_on_cpu_writes_one_entry_per_item(tmp_path):
     assert set(measured) | skipped == set(items)
     assert all(entry["summary"] and entry["seconds"] >= 0 for entry in measured.values())
     rows = measured["full_rows"]["rows"]
-    assert {r["config"] for r in rows["bfloat16"]["results"]} == {"naive", "cache", "duration", "head", "half", "all"}
+    assert {r["config"] for r in rows["bfloat16"]["results"]} == {"naive", "cache", "duration", "head", "prefix", "half", "all"}
     assert rows["float16"]["dtype"] == "torch.float16"
     assert measured["mfu_and_epoch_hours"]["bfloat16"]["first_epoch_hours"] > 0
     finetune = measured["finetune_fp16"]

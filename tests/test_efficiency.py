@@ -50,14 +50,17 @@ def test_run_reports_flops_phases_and_mfu(tmp_path, cached):
         assert tag in tags, sorted(tags)
 
 
-def test_counted_flops_are_each_batchs_flops(train_clips):
-    # the running sums give exactly the per-batch FLOPs of flops_per_step, from what forward says it computed
+@pytest.mark.parametrize("cache_prefix", [True, False], ids=["prefix_cached", "prefix_in_steps"])
+def test_counted_flops_are_each_batchs_flops(train_clips, cache_prefix):
+    # the running sums give exactly the per-batch FLOPs of flops_per_step, from what forward says it computed: with
+    # the prefix cached, its P tokens a clip are not run through the LLM in the step (its one-off pass is not counted)
     model = make_model()
+    model.cache_prefix = cache_prefix
     collator = SpeechCollator(model.processor)
     run = efficiency.RunEfficiency()
     run.set_model(model, "cpu", torch.float32)
     expected = 0.0
-    P, Q = len(model.prefix_ids), len(model.suffix_ids)
+    prompt = len(model.suffix_ids) + (0 if cache_prefix else len(model.prefix_ids))  # a clip's, through the LLM
     clips = list(zip(*train_clips))
     for batch_clips in (clips[:3], clips[3:5]):
         batch = collator([Sample(str(i), t, audio=a) for i, (a, t) in enumerate(batch_clips)])
@@ -66,7 +69,7 @@ def test_counted_flops_are_each_batchs_flops(train_clips):
         seconds = batch["audio_lengths"].sum().item() / model.sampling_rate
         speech = model.speech_lengths(batch["audio_lengths"]).sum().item()
         targets = (batch["labels"] != -100).sum().item()
-        expected += model.flops_per_step(seconds, speech, len(batch_clips) * (P + Q), targets)
+        expected += model.flops_per_step(seconds, speech, len(batch_clips) * prompt, targets)
     flops = run.flops()
     assert flops["encoder_in_steps"] + flops["adapter_llm"] == pytest.approx(expected, rel=1e-9)
     assert flops["encoder_in_steps"] > 0 and flops["encoder_cache_fill"] == 0

@@ -1,6 +1,8 @@
-"""The model: config, adapters, splice, loss, generation, adapter save/load (model.py)."""
+"""The model: config, adapters, splice, prefix cache, loss, generation, adapter save/load (model.py)."""
+import contextlib
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -119,12 +121,14 @@ def test_speech_length_is_exact(adapter, downsample):
         assert model.speech_lengths(torch.tensor([n])).item() == expected
 
 
-@pytest.mark.parametrize("adapter", list(ADAPTERS))
-def test_padded_batch_matches_singles(train_clips, adapter):
+@pytest.mark.parametrize("adapter, cache_prefix", [(kind, True) for kind in ADAPTERS] + [("linear", False)])
+def test_padded_batch_matches_singles(train_clips, adapter, cache_prefix):
     audios, texts = train_clips
     audios, texts = audios[:4], texts[:4]
     assert len({len(a) for a in audios}) == 4  # really different lengths, so padding happens
     model = make_model(adapter=adapter).train()
+    assert model.cache_prefix  # on by default: every row of the batch starts from the one cached prefix
+    model.cache_prefix = cache_prefix
 
     assert_padded_batch_matches_singles(model, audios, texts)
 
@@ -137,6 +141,103 @@ def test_head_on_targets_only_gives_the_same_loss(train_clips):
         model.head_on_targets_only = False
         full = model.loss(audios[:3], texts[:3])
     torch.testing.assert_close(fast, full)
+
+
+def loss_and_adapter_grads(model, batch, autocast_dtype=None):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(**batch)
+    out.loss.backward()
+    return out, [p.grad.clone() for p in model.adapter.parameters()]
+
+
+# In half precision every matmul rounds to 8 (bfloat16) or 11 (float16) significant bits, and the prefix alone (one
+# row) rounds in another order than inside the batch: the two paths then agree to a few units of the dtype's
+# resolution (bfloat16 3.9e-3, float16 4.9e-4; measured up to 3e-3 and 1e-3), float32 to 5e-7.
+@pytest.mark.parametrize("autocast_dtype, rtol", [(None, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 4e-3)],
+                         ids=["float32", "bfloat16_autocast", "float16_autocast"])
+def test_the_cached_prefix_gives_the_uncached_loss_and_gradients(train_clips, autocast_dtype, rtol):
+    audios, texts = train_clips
+    model = make_model().train()
+    batch = model.processor(audios=audios[:3], texts=texts[:3])
+    model.cache_prefix = False
+    full, full_grads = loss_and_adapter_grads(model, batch, autocast_dtype)
+    model.cache_prefix = True
+    cached, cached_grads = loss_and_adapter_grads(model, batch, autocast_dtype)
+    again, again_grads = loss_and_adapter_grads(model, batch, autocast_dtype)  # the stored prefix is as it was
+    assert torch.equal(again.loss, cached.loss) and all(map(torch.equal, again_grads, cached_grads))
+    P, Q = len(model.prefix_ids), len(model.suffix_ids)
+    assert P > 30  # the chat template's system and user turns
+    assert (full.prompt_tokens.item(), cached.prompt_tokens.item()) == (3 * (P + Q), 3 * Q)  # what the LLM ran on
+    torch.testing.assert_close(cached.loss, full.loss, rtol=rtol, atol=0)
+    for c, f in zip(cached_grads, full_grads):  # through the speech positions' attention to the constant prefix
+        assert (c - f).norm() <= rtol * f.norm()
+
+
+def swap_llm(model):
+    model.llm = tiny_backbones(seed=1)[1]
+
+
+def load_llm_weights(model):
+    model.llm.load_state_dict(tiny_backbones(seed=1)[1].state_dict())  # in place: the same tensors, new values
+
+
+def edit_prompt_ids(model):
+    model.prefix_ids[-2] = model.prefix_ids[1]
+
+
+def replace_prompt_ids(model):
+    model.prefix_ids = model.prefix_ids.flip(0)
+
+
+@pytest.mark.parametrize("change, context", [
+    (edit_prompt_ids, contextlib.nullcontext), (replace_prompt_ids, contextlib.nullcontext),
+    (load_llm_weights, contextlib.nullcontext), (swap_llm, contextlib.nullcontext),
+    (lambda model: model.llm.to(torch.bfloat16), contextlib.nullcontext),
+    (lambda model: None, partial(torch.autocast, "cpu", dtype=torch.bfloat16)),
+    (lambda model: None, partial(torch.autocast, "cpu", dtype=torch.float16)),
+], ids=["prompt_ids_edited", "prompt_ids_replaced", "llm_weights_loaded", "another_llm", "llm_to_bfloat16",
+        "bfloat16_autocast", "float16_autocast"])
+def test_the_prefix_cache_is_computed_again_when_what_it_depends_on_changes(train_clips, change, context):
+    # the changed model's loss must be what a model changed the same way before its first forward gives (its
+    # first prefix cache comes after the change), and not what the model gave before the change
+    audios, texts = train_clips
+    model, fresh = make_model(), make_model()
+    batch = model.processor(audios=audios[:2], texts=texts[:2])
+    with torch.no_grad():
+        before = model(**batch).loss  # the prefix is cached now
+        change(model)
+        change(fresh)
+        with context():
+            after, reference = model(**batch).loss, fresh(**batch).loss
+    assert torch.equal(after, reference) and not torch.equal(after, before)
+
+
+def test_decoding_from_the_cached_prefix_gives_the_same_transcripts(trained_model, train_clips):
+    audios, texts = train_clips
+    P = len(trained_model.prefix_ids)
+    prefills = []  # positions already in the LLM's cache at each forward over more than one position
+
+    def record(module, args, kwargs):
+        cache = kwargs.get(trained_model.cache_argument)
+        if (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1] > 1:
+            prefills.append(0 if cache is None else cache.get_seq_length())
+
+    hook = trained_model.llm.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    transcripts = {}
+    try:
+        for cache_prefix in (True, False):
+            trained_model.cache_prefix = cache_prefix
+            prefills.clear()
+            transcripts[cache_prefix] = (trained_model.transcribe(audios, batch_size=8, max_new_tokens=12),
+                                         trained_model.transcribe(audios[:3], num_beams=3, max_new_tokens=12))
+            # the prompts' prefill starts from the P cached positions (0: the prefix's own forward, at most once)
+            assert (P in prefills and set(prefills) <= {0, P}) if cache_prefix else set(prefills) == {0}
+    finally:
+        hook.remove()
+        trained_model.cache_prefix = True
+    assert transcripts[True] == transcripts[False]
+    assert transcripts[True][0][:4] == texts[:4] and transcripts[True][1] == texts[:3]
 
 
 def test_batched_greedy_equals_one_at_a_time(trained_model, train_clips):
