@@ -72,12 +72,24 @@ def score(model, split, show=0):
     return word_error_rate(references, hypotheses, "simple")
 
 
+def load_world_adapter(adapter):
+    """A world adapter on the world's backbones, wherever this checkout is: its config names them by the path
+    they were trained from (the committed one by tests/fixtures/world/..., relative to the repository)."""
+    import dataclasses
+
+    from backbones import load_backbones
+    from model import CONFIG_NAME, SlamASR, SlamASRConfig
+
+    config = SlamASRConfig.from_json_file(Path(adapter) / CONFIG_NAME, complete=True)
+    here = dataclasses.replace(config, encoder=str(WORLD / "encoder"), llm=str(WORLD / "llm"))
+    return SlamASR.load_adapter(adapter, *load_backbones(here))
+
+
 def world_demo(adapter):
     from decoding import decoding_name
-    from model import SlamASR
     from text import wer_line
 
-    model = SlamASR.load_adapter(adapter)
+    model = load_world_adapter(adapter)
     print(f"the world's adapter ({adapter}) between its tiny pretrained encoder and LLM, on sentences it never heard")
     for split in SPLITS:
         print(f"\n{split} ({'trained voices' if split == 'test-clean' else 'a voice it never heard'}):")

@@ -16,8 +16,8 @@ from model import SlamASR
 sys.path.insert(0, str(proof_of_concept.WORLD))
 import make_world  # noqa: E402
 
-STEPS = 200  # as few as still separate the pretrained LLM from the controls
-BOUND = 0.35  # test-clean WER the pretrained LLM reaches in STEPS (the demo's --train run: docs in the world README)
+STEPS = 100  # as few as still separate the pretrained LLM from the controls (dev WER 9% at 100 in --train)
+BOUND = 0.25  # test-clean WER bound for STEPS; the demo's 600-step --train run reaches 9.6% (world README)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def trained_wer(out, *extra, llm=None, cache=None):
     args = proof_of_concept.world_args(out, llm, STEPS, STEPS, cache, "--eval_split", "test-clean",
                                        "--max_eval_samples", "80", "--report_to", "none", *extra)
     assert finetune.main(args) == 0
-    return json.loads((out / "eval_results.json").read_text())["eval_wer"]
+    wer = json.loads((out / "eval_results.json").read_text())["eval_wer"]
+    print(f"test-clean WER after {STEPS} steps: {100 * wer:.2f}%")
+    return wer
 
 
 def test_the_world_is_what_its_readme_says():
@@ -89,5 +91,6 @@ def test_the_demo_transcribes_the_unseen_splits_with_its_committed_adapter(tmp_p
                          timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     wers = [float(line.split("WER ")[1].split("%")[0]) for line in out.stdout.splitlines() if line.startswith("WER ")]
-    assert len(wers) == 2 and wers[0] <= 100 * BOUND, out.stdout[-2000:]
+    # the committed adapter, measured in the world README: 9.57% and 18.73%; the targets bound it here
+    assert len(wers) == 2 and wers[0] <= 15 and wers[1] <= 25, out.stdout[-2000:]
     assert out.stdout.count("REF: ") == 6
