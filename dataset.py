@@ -169,6 +169,7 @@ class FeatureCache:
         self.dtype = dtype
         self.index = {}  # entry name -> shard file name
         self._readers = {}
+        self._fills = 0  # each fill names its own shards and index: a second fill must not overwrite the first's
 
     def load_index(self):
         """Every run's and rank's index; a shard that is missing or cut short is left out (its clips are
@@ -210,7 +211,9 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(str(self.dir / "key.json"), json.dumps(self.key, indent=2))
         self.load_index()
-        index_path = self.dir / f"index-{self.run}-rank{rank}.json"
+        self._fills += 1
+        fill_name = f"{self.run}-{self._fills}-rank{rank}"
+        index_path = self.dir / f"index-{fill_name}.json"
         shards = {}
         # one record per audio: ids naming the same file share its entry
         todo = list({self.entry_name(r): r for r in dataset.records[rank::world] if r not in self}.values())
@@ -220,7 +223,7 @@ class FeatureCache:
         def flush():
             nonlocal pending, pending_bytes
             if pending:
-                name = f"{self.run}-rank{rank}-{len(shards):05d}.safetensors"
+                name = f"{fill_name}-{len(shards):05d}.safetensors"
                 try:
                     save_file(pending, str(self.dir / (name + ".tmp")))
                     os.replace(self.dir / (name + ".tmp"), self.dir / name)

@@ -46,7 +46,7 @@ from decoding import decoding_name
 from efficiency import RunEfficiency, fast_on_cpu, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
 from processor import chat_prompt_template
-from text import TRANSCRIPT_CASES, WER_NORMALIZERS
+from text import NORMALIZER_NAMES, TRANSCRIPT_CASES, WER_NORMALIZERS, score_rule
 from trainer import NonFiniteTraining, SlamASRTrainer, StopDuringEvaluation
 
 if __name__ == "__main__":
@@ -112,9 +112,11 @@ class DataArguments:
     max_new_tokens: int = field(default=200, metadata={
         "help": "Most new tokens per clip in the eval WER (with --generation_num_beams, the generation_config.json "
                 "saved with the adapter); decoding is also bounded by each clip's duration."})
-    wer_normalizer: str = field(default="whisper", metadata={
-        "help": "Text normalization before WER: 'whisper' (Whisper's English normalizer, what published "
-                "LibriSpeech figures use) or 'simple' (lower case, no punctuation).", "choices": list(WER_NORMALIZERS)})
+    wer_normalizer: str = field(default="auto", metadata={
+        "help": "Text normalization before WER: 'auto' (follows --language: 'whisper' for English and when unset, "
+                "'basic' otherwise), 'whisper' (Whisper's English normalizer, what published LibriSpeech figures "
+                "use), 'basic' (Whisper's multilingual one) or 'simple' (lower case, no punctuation). zh, ja and th "
+                "are scored by CER.", "choices": ["auto", *WER_NORMALIZERS]})
     min_duration: float = field(default=0.5, metadata={"help": "Drop clips shorter than this (seconds)."})
     max_duration: float = field(default=30.0, metadata={"help": "Drop clips longer than this (seconds)."})
     max_target_tokens: int = field(default=256, metadata={
@@ -661,7 +663,7 @@ def with_rendered_prompt(config, model_args):
     if config.prompt_template is not None:
         return config
     tokenizer = load_tokenizer(config.llm, model_args.trust_remote_code)
-    return replace(config, prompt_template=chat_prompt_template(tokenizer))
+    return replace(config, prompt_template=chat_prompt_template(tokenizer, config.language))
 
 
 def finished(resume, training_args):
@@ -759,13 +761,15 @@ def model_card(model, training_args, data_args, steps, eval_metrics):
         source = f"the manifest `{os.path.basename(d.train_manifest)}`"
     precision = "fp16" if t.fp16 else "bf16" if t.bf16 else "fp32"
     if "eval_wer" in eval_metrics:
+        normalizer, unit = score_rule(d.wer_normalizer, c.language)
         scored = (f"WER **{100 * eval_metrics['eval_wer']:.2f}%** on {d.max_eval_samples or 'all'} clips of "
                   f"{d.eval_split or os.path.basename(d.eval_manifest or '')}, "
-                  f"{decoding_name(model.generation_config.num_beams)}, {d.wer_normalizer} normalizer "
-                  f"({'Whisper English' if d.wer_normalizer == 'whisper' else 'lower case, no punctuation'}).")
+                  f"{decoding_name(model.generation_config.num_beams)}, {normalizer} normalizer "
+                  f"({NORMALIZER_NAMES[normalizer]}){' (CER)' if unit == 'character' else ''}.")
     else:
         scored = "Not evaluated during training."
     datasets = f"datasets:\n- {d.dataset_name}\n" if d.dataset_name else ""
+    language = f"{c.language} (the prompt's {{language}})" if c.language else "none named (LibriSpeech's prompt)"
     return f"""---
 tags:
 - automatic-speech-recognition
@@ -798,6 +802,8 @@ their own repos.
 ```
 {c.prompt_template}
 ```
+
+Language: {language}.
 
 Its token ids are in `prompt_ids.json`; the decoding options in `generation_config.json`.
 

@@ -30,7 +30,14 @@ import inference
 from audio import MIN_AUDIO_SAMPLES, SAMPLE_RATE
 from backbones import encoder_kind, load_backbones
 from decoding import BOUNDS_NAME, DecodingBounds, with_overrides
-from processor import PROMPT_IDS_NAME, SPEECH_PLACEHOLDER, SlamASRProcessor, chat_prompt_template, write_text_atomic
+from processor import (
+    LANGUAGE_SLOT,
+    PROMPT_IDS_NAME,
+    SPEECH_PLACEHOLDER,
+    SlamASRProcessor,
+    chat_prompt_template,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "slam_asr_config.json"
@@ -123,6 +130,11 @@ class UltravoxAdapter(FrameGroupAdapter):
 ADAPTERS = {"linear": LinearAdapter, "conv": ConvAdapter, "ultravox": UltravoxAdapter}
 
 
+# Fields saved configs may lack, with the meaning they had before the field existed (an adapter saved before
+# languages were supported was trained on a prompt that names none)
+FIELDS_ADDED_LATER = {"language": None}
+
+
 @dataclass
 class SlamASRConfig:
     """The model: which backbones, which adapter, which prompt. Parsed as command-line flags by finetune.py
@@ -144,7 +156,13 @@ class SlamASRConfig:
     adapter_hidden: int = field(default=2048, metadata={"help": "Width of the adapter's hidden layer."})
     prompt_template: str | None = field(default=None, metadata={
         "help": "The LLM's prompt, with exactly one <speech>; the transcript and EOS follow it. By default the "
-                "LLM tokenizer's own chat template renders it (a system turn, a user turn holding the speech)."})
+                "LLM tokenizer's own chat template renders it (a system turn, a user turn holding the speech). "
+                f"{LANGUAGE_SLOT} in it is replaced by --language."})
+    language: str | None = field(default=None, metadata={
+        "help": "The language of the transcripts, as the prompt should name it (e.g. French, or fr): the default "
+                "prompt becomes 'Transcribe this audio in {language}:', and the WER normalizer follows it "
+                "(Whisper's English one for English, its basic one for other languages, CER for zh/ja/th). "
+                "Unset: LibriSpeech's prompt, which names no language. transcribe.py --language overrides it."})
 
     def __post_init__(self):
         # Checked here, before any download, so that a typo costs a second and not a 5 GB fetch.
@@ -158,12 +176,24 @@ class SlamASRConfig:
                 f"prompt_template must contain exactly one {SPEECH_PLACEHOLDER} placeholder, found {count}: "
                 f"{self.prompt_template!r}"
             )
+        if self.language is not None and (not isinstance(self.language, str) or not self.language.strip()
+                                          or SPEECH_PLACEHOLDER in self.language or LANGUAGE_SLOT in self.language):
+            raise ValueError(f"language must be a language's name or code (e.g. French, fr), got {self.language!r}")
+        if self.prompt_template is not None and LANGUAGE_SLOT in self.prompt_template and self.language is None:
+            raise ValueError(f"prompt_template holds {LANGUAGE_SLOT} but no language is set: pass --language "
+                             f"(e.g. --language French), or write the language into the template")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
         if not isinstance(self.downsample, int) or self.downsample < 1:
             raise ValueError(f"downsample must be an integer >= 1, got {self.downsample!r}")
         if not isinstance(self.adapter_hidden, int) or self.adapter_hidden < 1:
             raise ValueError(f"adapter_hidden must be an integer >= 1, got {self.adapter_hidden!r}")
+
+    def rendered_prompt(self):
+        """The prompt the LLM reads: the template with its language slot filled (None: the chat template's)."""
+        if self.prompt_template is None or self.language is None:
+            return self.prompt_template
+        return self.prompt_template.replace(LANGUAGE_SLOT, self.language.strip())
 
     def to_json_string(self):
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -175,7 +205,8 @@ class SlamASRConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown SlamASRConfig fields {unknown}; known fields are {sorted(known)}")
-        missing = sorted(known - set(values))
+        missing = sorted(known - set(values) - set(FIELDS_ADDED_LATER))
+        values = {**{k: v for k, v in FIELDS_ADDED_LATER.items() if k not in values}, **values}
         if complete and missing:
             raise ValueError(f"{source}: SlamASRConfig fields {missing} are missing; a saved config names them all "
                              "(the model they describe depends on each)")
@@ -290,11 +321,11 @@ class SlamASR(nn.Module):
     def __init__(self, config, encoder, llm, tokenizer, feature_extractor, prompt_ids=None):
         super().__init__()
         if config.prompt_template is None:  # the one the adapter trains with is saved with it, written out
-            config = replace(config, prompt_template=chat_prompt_template(tokenizer))
+            config = replace(config, prompt_template=chat_prompt_template(tokenizer, config.language))
         self.config = config
         self.encoder = encoder
         self.llm = llm
-        self.processor = SlamASRProcessor(feature_extractor, tokenizer, config.prompt_template, prompt_ids)
+        self.processor = SlamASRProcessor(feature_extractor, tokenizer, config.rendered_prompt(), prompt_ids)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         # what the encoder takes and how many frames it gives a clip: the wav2vec2 family's or Whisper's way
@@ -613,11 +644,13 @@ class SlamASR(nn.Module):
 
     @classmethod
     def load_adapter(cls, directory, encoder=None, llm=None, tokenizer=None, feature_extractor=None,
-                     torch_dtype=None, trust_remote_code=False, attn_implementation=None, revision=None):
+                     torch_dtype=None, trust_remote_code=False, attn_implementation=None, revision=None,
+                     language=None):
         """Rebuilds a SlamASR from an adapter directory or hub repo id: the backbones named in its config
         unless given (in `torch_dtype`, with `attn_implementation`: see backbones.load_backbones), the prompt ids
         and decoding options saved with it, and the adapter loaded strictly (every tensor present, no extra,
-        same shapes, finite)."""
+        same shapes, finite). `language` replaces the one it was trained with: its template's language slot is
+        filled with it (prompt ids then computed by the tokenizer), and scores follow it."""
         name, directory = directory, resolve_adapter_dir(directory, revision)
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
@@ -639,8 +672,16 @@ class SlamASR(nn.Module):
         if diverged:
             raise ValueError(f"{weights_path}: {', '.join(diverged)} hold NaN or Inf values (training diverged); "
                              "use an earlier checkpoint")
-        prompt_ids = SlamASRProcessor.read_prompt_ids(directory, config.prompt_template)
-        if prompt_ids is None:
+        trained_prompt = config.rendered_prompt()
+        if language is not None and language != config.language:
+            config = replace(config, language=language)
+            if LANGUAGE_SLOT not in config.prompt_template:
+                logger.warning(f"{name}'s prompt names no language ({config.prompt_template!r}): --language "
+                               f"{language} changes how transcripts are scored, not what the LLM is asked")
+        prompt_ids = SlamASRProcessor.read_prompt_ids(directory, trained_prompt)
+        if config.rendered_prompt() != trained_prompt:
+            prompt_ids = None  # the saved ids are the trained language's; the tokenizer makes the new one's
+        elif prompt_ids is None:
             logger.warning(f"{directory} has no {PROMPT_IDS_NAME} (saved by an older version): the prompt's ids "
                            "are computed from the template by this tokenizer")
 

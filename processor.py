@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 SPEECH_PLACEHOLDER = "<speech>"
 PROMPT_IDS_NAME = "prompt_ids.json"
 SYSTEM_PROMPT = "You are a speech recognizer. Reply with the exact transcript of the audio."
+LANGUAGE_SLOT = "{language}"  # a prompt template's place for the run's --language
 USER_PROMPT = f"Transcribe this audio:\n{SPEECH_PLACEHOLDER}"  # the speech on a line of its own: no lone space
+USER_PROMPT_IN_LANGUAGE = f"Transcribe this audio in {LANGUAGE_SLOT}:\n{SPEECH_PLACEHOLDER}"
 # Transcript beginnings used to find how much of the suffix tokenizes the same whatever follows it: a suffix
 # ending in a space ("ASSISTANT: ") loses its last token to the transcript's first word ("▁he").
 _PROBE_STARTS = ("a", "the", "I", "1", "hello", "'tis")
@@ -46,10 +48,11 @@ def write_text_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def chat_prompt_template(tokenizer):
+def chat_prompt_template(tokenizer, language=None):
     """The prompt template as the LLM tokenizer's own chat template renders a system turn and a user turn holding
     the speech, generation prompt on: each chat LLM gets its own format (TinyLlama's is DEFAULT_PROMPT_TEMPLATE
-    in model.py)."""
+    in model.py). With a `language`, the user turn names it through LANGUAGE_SLOT, kept in the template (the
+    saved template is one for every language: transcribe.py --language fills in another)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the LLM's tokenizer ({getattr(tokenizer, 'name_or_path', '')!r}) has no chat template "
                          f"(not a chat model?): pass --prompt_template with one {SPEECH_PLACEHOLDER}")
@@ -57,14 +60,15 @@ def chat_prompt_template(tokenizer):
 
     source = f"the chat template of the LLM {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'} (its " \
              "chat_template.jinja or tokenizer_config.json)"
-    turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": USER_PROMPT}]
+    user = USER_PROMPT if language is None else USER_PROMPT_IN_LANGUAGE
+    turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     except TemplateSyntaxError as e:
         raise ValueError(f"{source} is not a valid Jinja template ({e}, line {e.lineno}): fix it, or pass "
                          f"--prompt_template with one {SPEECH_PLACEHOLDER}") from None
     except TemplateError:  # templates without a system role (Gemma's) refuse it: the instruction goes first
-        turns = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n{USER_PROMPT}"}]
+        turns = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n{user}"}]
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     if text.count(SPEECH_PLACEHOLDER) != 1:
         raise ValueError(f"{source} renders {text.count(SPEECH_PLACEHOLDER)} {SPEECH_PLACEHOLDER} placeholders where "

@@ -37,20 +37,51 @@ def whisper_english_normalizer():
     return EnglishTextNormalizer()
 
 
-# name -> a function that makes the normalizer; "whisper" is the default of every WER this project reports
-WER_NORMALIZERS = {"whisper": whisper_english_normalizer, "simple": lambda: normalize_for_wer}
+def whisper_basic_normalizer():
+    """The same package's multilingual normalizer (lower case, symbols and bracketed text removed, any script):
+    what Whisper's paper scores languages other than English with."""
+    from whisper_normalizer.basic import BasicTextNormalizer
+
+    return BasicTextNormalizer()
 
 
-def word_error_rate(references, hypotheses, normalizer="whisper"):
-    """Corpus WER after the named normalizer (WER_NORMALIZERS): {wer, substitutions, deletions, insertions,
-    words, normalizer}."""
+# name -> a function that makes the normalizer; "auto" (the default of every score this project reports)
+# is "whisper" for English, "basic" for other languages (score_rule)
+WER_NORMALIZERS = {"whisper": whisper_english_normalizer, "basic": whisper_basic_normalizer,
+                   "simple": lambda: normalize_for_wer}
+NORMALIZER_NAMES = {"whisper": "Whisper English", "basic": "Whisper basic, multilingual",
+                    "simple": "lower case, no punctuation"}
+ENGLISH = {"en", "eng", "english"}
+# written without spaces between words: scored by characters (CER), as Whisper and FLEURS papers do
+CHARACTER_LANGUAGES = {"zh", "zho", "chinese", "mandarin", "cantonese", "yue", "ja", "jpn", "japanese", "th",
+                       "tha", "thai"}
+
+
+def score_rule(normalizer="auto", language=None):
+    """(normalizer name, unit) for a run's `--wer_normalizer` and language (a name or an ISO code; None is
+    English, LibriSpeech's): "auto" picks Whisper's English normalizer for English and its basic one for other
+    languages; the unit is "character" for languages written without spaces, "word" otherwise."""
+    key = (language or "english").strip().lower()
+    if normalizer == "auto":
+        normalizer = "whisper" if key in ENGLISH else "basic"
+    if normalizer not in WER_NORMALIZERS:
+        raise ValueError(f"unknown WER normalizer {normalizer!r}: choose from {['auto', *WER_NORMALIZERS]}")
+    return normalizer, "character" if key in CHARACTER_LANGUAGES else "word"
+
+
+def word_error_rate(references, hypotheses, normalizer="auto", language=None):
+    """Corpus WER (CER for languages in CHARACTER_LANGUAGES) after the normalizer score_rule picks: {wer,
+    substitutions, deletions, insertions, words, normalizer, unit}; `words` counts characters where the unit is
+    the character, and `wer` holds the CER then (one key, so that every consumer reads the same field)."""
     import jiwer
 
-    if normalizer not in WER_NORMALIZERS:
-        raise ValueError(f"unknown WER normalizer {normalizer!r}: choose from {list(WER_NORMALIZERS)}")
+    normalizer, unit = score_rule(normalizer, language)
     normalize = WER_NORMALIZERS[normalizer]()
     refs = [" ".join(normalize(r).split()) for r in references]
     hyps = [" ".join(normalize(h).split()) for h in hypotheses]
+    if unit == "character":  # spaces are not part of these scripts: each character is a token
+        refs = [" ".join(r.replace(" ", "")) for r in refs]
+        hyps = [" ".join(h.replace(" ", "")) for h in hyps]
     # jiwer refuses empty references; every word hypothesized for one is an insertion
     insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
     pairs = [(r, h) for r, h in zip(refs, hyps) if r]
@@ -63,12 +94,13 @@ def word_error_rate(references, hypotheses, normalizer="whisper"):
         counts["words"] = out.hits + out.substitutions + out.deletions
     errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
     counts["wer"] = errors / max(counts["words"], 1)
-    counts["normalizer"] = normalizer
+    counts["normalizer"], counts["unit"] = normalizer, unit
     return counts
 
 
 def wer_line(scores, decoding=None):
-    """The one way a WER is reported: the figure, the counts, and what made it (decoding, normalizer)."""
+    """The one way a WER (or CER) is reported: the figure, the counts, and what made it (decoding, normalizer)."""
     how = ", ".join(filter(None, [decoding, f"{scores['normalizer']} normalizer"]))
-    return (f"WER {100 * scores['wer']:.2f}% ({how}): {scores['words']} words, {scores['substitutions']} "
+    name, units = ("CER", "characters") if scores.get("unit") == "character" else ("WER", "words")
+    return (f"{name} {100 * scores['wer']:.2f}% ({how}): {scores['words']} {units}, {scores['substitutions']} "
             f"substitutions, {scores['deletions']} deletions, {scores['insertions']} insertions")

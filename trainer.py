@@ -123,7 +123,7 @@ class SlamASRTrainer(Trainer):
     `wer_normalizer` names text.WER_NORMALIZERS' normalizer; `efficiency` (efficiency.RunEfficiency) counts each
     training step's FLOPs and times the evaluations, and its MFU goes into the training logs."""
 
-    def __init__(self, model, args, *, wer_dataset=None, wer_normalizer="whisper", max_nonfinite_steps=25,
+    def __init__(self, model, args, *, wer_dataset=None, wer_normalizer="auto", max_nonfinite_steps=25,
                  max_batch_seconds=None, efficiency=None, callbacks=None, **kwargs):
         self.max_batch_seconds = max_batch_seconds  # read while Trainer builds its loaders
         self.stop = StopOnSignal()
@@ -324,7 +324,8 @@ class SlamASRTrainer(Trainer):
         if not rows:  # NaN, not 0%: no clip was scored (and Trainer's best-model tracking takes NaN)
             logger.warning("eval WER: no clip could be read; WER not measured at this step")
             return {"wer": float("nan"), "wer_unreadable_clips": len(failed), "wer_num_beams": beams}
-        scores = word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows], self.wer_normalizer)
+        scores = word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows], self.wer_normalizer,
+                                 model.config.language)
         if self.args.should_save:
             path = os.path.join(self.args.output_dir, f"predictions_step{self.state.global_step}.jsonl")
             os.makedirs(self.args.output_dir, exist_ok=True)

@@ -74,9 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--adapter_revision", help="the hub revision of --adapter (a branch, tag or commit)")
     p.add_argument("--rescore", metavar="JSONL", help="score the reference/hypothesis (or text) lines of an earlier "
                    "output or a finetune.py predictions file again, without decoding")
-    p.add_argument("--normalizer", default="whisper", choices=list(WER_NORMALIZERS),
-                   help="text normalization before WER: 'whisper' (Whisper's English normalizer, what published "
-                        "LibriSpeech figures use) or 'simple' (lower case, no punctuation)")
+    p.add_argument("--normalizer", default="auto", choices=["auto", *WER_NORMALIZERS],
+                   help="text normalization before WER: 'auto' (follows the language: 'whisper' for English, 'basic' "
+                        "for others, CER for zh/ja/th), 'whisper' (Whisper's English normalizer, what published "
+                        "LibriSpeech figures use), 'basic' (Whisper's multilingual one) or 'simple' (lower case, no "
+                        "punctuation)")
+    p.add_argument("--language", help="the language to transcribe (e.g. French): fills the adapter's prompt in "
+                   "place of the language it was trained with, and picks the scoring (default: the adapter's)")
     p.add_argument("--output", help="JSON-lines output (default: print the lines)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -219,7 +223,8 @@ def load_model(args):
         encoder, llm, tokenizer, feature_extractor = load_backbones(config, dtype,
                                                                     attn_implementation=args.attn_implementation)
         backbones = dict(encoder=encoder, llm=llm, tokenizer=tokenizer, feature_extractor=feature_extractor)
-    model = SlamASR.load_adapter(adapter, torch_dtype=dtype, attn_implementation=args.attn_implementation, **backbones)
+    model = SlamASR.load_adapter(adapter, torch_dtype=dtype, attn_implementation=args.attn_implementation,
+                                 language=args.language, **backbones)
     model.generation_config, model.decoding_bounds = decoding_options(args, model.generation_config,
                                                                       model.decoding_bounds)
     window = model.processor.max_samples and model.processor.max_samples / model.sampling_rate
@@ -272,19 +277,28 @@ def write_in_input_order(path, rows, records):
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def summarize(rows, output, decoded, normalizer):
+def scoring_language(args):
+    """The language scores follow: --language, or the adapter's (None for LibriSpeech's prompt, and without one)."""
+    if args.language or not args.adapter:
+        return args.language
+    return SlamASRConfig.from_json_file(Path(resolve_adapter_dir(args.adapter, args.adapter_revision))
+                                        / CONFIG_NAME).language
+
+
+def summarize(rows, output, decoded, normalizer, language=None):
     """The summary line and WER, over every line of the output (resumed ones included); the exit code."""
     failed = sum("error" in row for row in rows)
     print(f"transcribed {len(rows) - failed} of {len(rows)} inputs; {failed} failed"
           + (f" (see the error lines in {output})" if failed and output else ""), file=sys.stderr)
     scored = [row for row in rows if "reference" in row and "text" in row]
     if scored:
-        s = word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored], normalizer)
+        s = word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored], normalizer,
+                            language)
         print(f"{wer_line(s, decoded)}; {len(scored)} utterances", file=sys.stderr)
     return 0 if failed < len(rows) else 1
 
 
-def rescore(path, normalizer):
+def rescore(path, normalizer, language=None):
     """WER of an earlier output's or a predictions file's lines, with no model: the figure again, under
     another normalizer, say."""
     rows = []
@@ -307,7 +321,7 @@ def rescore(path, normalizer):
         print(f"{path}: no line with a reference and a hypothesis (or text) to score", file=sys.stderr)
         return 1
     s = word_error_rate([r["reference"] for r in scored], [r.get("hypothesis", r.get("text")) for r in scored],
-                        normalizer)
+                        normalizer, language)
     print(f"{wer_line(s)}; {len(scored)} utterances of {len(rows)} lines in {path}")
     return 0
 
@@ -315,7 +329,7 @@ def rescore(path, normalizer):
 def main(argv=None):
     args = parse_args(argv)
     if args.rescore:
-        return rescore(args.rescore, args.normalizer)
+        return rescore(args.rescore, args.normalizer, args.language)
     records, report = collect_inputs(args)
     report.log()
     if not records:
@@ -353,7 +367,8 @@ def main(argv=None):
                 out.close()
     if args.output:
         write_in_input_order(args.output, rows, records)
-    return summarize(rows, args.output, decoding(args, model if todo else None), args.normalizer)
+    return summarize(rows, args.output, decoding(args, model if todo else None), args.normalizer,
+                     scoring_language(args))
 
 
 if __name__ == "__main__":

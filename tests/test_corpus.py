@@ -64,7 +64,7 @@ def test_manifest_and_malformed_lines(tmp_path, clip):
     records = read_manifest(tmp_path / "m.jsonl", report)
     assert [r.id for r in records] == ["a.wav", "u2"]
     assert report.counts == {"manifest line is not JSON": 1, 'manifest line lacks a string "audio" or "text"': 2}
-    assert build_dataset("m", records, report)[0].text == "hello world"
+    assert build_dataset("m", records, report)[0].text == "Hello World"  # mixed case is kept (--transcript_case)
 
 
 def test_manifest_duration_is_checked_against_the_header(tmp_path, clip):

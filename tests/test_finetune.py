@@ -516,3 +516,32 @@ def test_a_users_mistake_is_one_line_without_a_traceback(tmp_path):
     assert output.strip().splitlines()[-1] == ("finetune.py: error: no data: pass --librispeech_dir, --dataset_name "
                                               "or --train_manifest")
     assert output.startswith("finetune.py: importing torch")  # a first line before the seconds of imports
+
+
+def test_the_language_is_named_in_the_prompt_saved_and_replaced_at_decoding(tmp_path, capsys):
+    import transcribe
+
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, "--language", "French", *NO_EVAL, steps=2)) == 0
+    saved = json.loads((out / CONFIG_NAME).read_text())
+    assert saved["language"] == "French" and "Transcribe this audio in {language}:" in saved["prompt_template"]
+    ids = json.loads((out / "prompt_ids.json").read_text())
+    assert "Transcribe this audio in French:" in ids["prompt_template"]
+
+    french, german = SlamASR.load_adapter(str(out)), SlamASR.load_adapter(str(out), language="German")
+    assert french.prefix_ids.tolist() == ids["prefix"] and french.suffix_ids.tolist() == ids["suffix"]
+    assert german.prefix_ids.tolist() != ids["prefix"]  # the language is in the prompt before the speech
+    assert "in German:" in german.processor.prompt_template
+    assert german.prefix_ids.tolist() == german.processor.tokenize_prompt()["prefix"]
+
+    # decoding reads the German prompt: the LLM's embedding table is asked for its ids, never the French ones
+    looked_up = []
+    german.llm.get_input_embeddings().register_forward_hook(lambda m, args, out: looked_up.append(args[0].tolist()))
+    german.transcribe([torch.zeros(16000).numpy()], max_new_tokens=2)
+    rows = [row for batch in looked_up for row in batch]
+    assert german.prefix_ids.tolist() in rows and french.prefix_ids.tolist() not in rows
+
+    # transcribe.py --language: the prompt and the score follow it (Whisper's basic normalizer for German)
+    assert transcribe.main(["--adapter", str(out), "--language", "German", "--librispeech_dir", str(FIXTURE),
+                            "--split", "test-clean", "--max_new_tokens", "4"]) == 0
+    assert "(greedy, basic normalizer)" in capsys.readouterr().err

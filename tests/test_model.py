@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+from dataclasses import asdict
 from functools import partial
 
 import numpy as np
@@ -513,3 +514,15 @@ def test_transcribe_refuses_what_is_not_a_clip_by_name(trained_model, audio, mes
     with pytest.raises(ValueError, match=message):
         trained_model.transcribe([audio])
     assert trained_model.transcribe([torch.zeros(16000)]) == [""]  # a 1-D tensor is a clip (of silence here)
+
+
+def test_a_language_slot_needs_a_language_and_older_configs_have_none(tmp_path):
+    with pytest.raises(ValueError, match=r"holds \{language\} but no language is set: pass --language"):
+        SlamASRConfig(prompt_template="Say it in {language}: <speech>")
+    with pytest.raises(ValueError, match="language must be a language's name or code"):
+        SlamASRConfig(language=" ")
+    french = SlamASRConfig(prompt_template="In {language}: <speech>", language="fr")
+    assert french.rendered_prompt() == "In fr: <speech>"
+    older = {k: v for k, v in asdict(SlamASRConfig(prompt_template="<speech>")).items() if k != "language"}
+    (tmp_path / "c.json").write_text(json.dumps(older))  # saved before languages: a prompt that names none
+    assert SlamASRConfig.from_json_file(tmp_path / "c.json", complete=True).language is None

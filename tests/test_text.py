@@ -22,3 +22,27 @@ def test_normalizer_shared_by_targets_and_wer():
     assert text.word_error_rate(["Mister Smith isn't twenty five"], ["mr smith is not 25"], "simple")["wer"] > 0.5
     with pytest.raises(ValueError, match="unknown WER normalizer"):
         text.word_error_rate(["a"], ["a"], "whisperr")
+
+
+@pytest.mark.parametrize("language, rule", [
+    (None, ("whisper", "word")), ("English", ("whisper", "word")), ("en", ("whisper", "word")),
+    ("French", ("basic", "word")), ("zh", ("basic", "character")), ("Japanese", ("basic", "character")),
+    ("th", ("basic", "character"))])
+def test_the_score_follows_the_language(language, rule):
+    assert text.score_rule("auto", language) == rule
+    assert text.score_rule("simple", language)[0] == "simple"  # a named normalizer is kept
+
+
+def test_languages_without_spaces_are_scored_by_characters():
+    scores = text.word_error_rate(["你好，世界。"], ["你好 世"], language="zh")
+    assert (scores["wer"], scores["words"], scores["deletions"], scores["unit"]) == (0.25, 4, 1, "character")
+    assert text.wer_line(scores).startswith("CER 25.00% (basic normalizer): 4 characters")
+    # scored by words, the punctuation-made "words" decide: 世界 against 世, one of two wrong
+    assert text.word_error_rate(["你好，世界。"], ["你好 世"], "basic")["wer"] == 0.5
+
+
+def test_other_languages_keep_their_letters_and_lose_their_punctuation():
+    scores = text.word_error_rate(["Ça va, à demain !"], ["ça va à demain"], language="French")
+    assert (scores["wer"], scores["normalizer"]) == (0.0, "basic")
+    with pytest.raises(ValueError, match="unknown WER normalizer 'nope'"):
+        text.word_error_rate(["a"], ["a"], "nope")

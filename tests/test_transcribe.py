@@ -275,7 +275,8 @@ def test_max_duration_refuses_a_long_file(adapter_dir, five_minutes, tmp_path, c
     out = tmp_path / "o.jsonl"
     code, err = run(["--adapter", str(adapter_dir), str(path), "--max_duration", "60", "--output", str(out)], capsys)
     assert code == 1 and "0 of 1 inputs; 1 failed" in err
-    assert read_lines(out) == [{"path": str(path), "error": "300.0 s is longer than --max_duration 60 s"}]
+    assert read_lines(out) == [{"path": str(path), "adapter": str(adapter_dir),
+                                "error": "300.0 s is longer than --max_duration 60 s"}]
 
 
 def test_a_long_input_is_written_whole_or_not_at_all(adapter_dir, tmp_path, capsys, monkeypatch):
