@@ -26,7 +26,7 @@ from dataset import Sample
 # The estimate of a step's memory above the resting state, against the measured: never more than 10% under it, at
 # most 50% over (what it counts that the allocator shares or frees early), with 8 MiB of slack for the tiny size
 LOW, HIGH, SLACK = 0.9, 1.5, 8 * 2**20
-MEASURE_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="2")
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "2"}
 
 
 def resident(key):
@@ -58,7 +58,7 @@ def measure_step(size, clips, seconds, words, cached):
     if cached:
         with torch.no_grad():
             frames, lengths = model.encode(batch["input_values"], batch["audio_lengths"])
-        inputs = dict(encoder_frames=frames, frame_lengths=lengths, labels=batch["labels"])
+        inputs = {"encoder_frames": frames, "frame_lengths": lengths, "labels": batch["labels"]}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 
     def step():
@@ -77,7 +77,7 @@ def measure_step(size, clips, seconds, words, cached):
                            batch_clips=clips, longest_seconds=seconds, longest_targets=targets, source="test")
     e = estimate.estimate(model, epoch, 1e12, "test", 0.35, encoder_in_steps=not cached)
     moments = 8 * sum(p.numel() for p in model.adapter.parameters())
-    print(json.dumps(dict(measured=measured, estimated=e.total_bytes - e.weights - moments)))
+    print(json.dumps({"measured": measured, "estimated": e.total_bytes - e.weights - moments}))
 
 
 def measure_conv(size, clips, seconds):
@@ -93,15 +93,15 @@ def measure_conv(size, clips, seconds):
         reset_peak()
         encoder.feature_extractor(x)
     first = (x.shape[1] - config.conv_kernel[0]) // config.conv_stride[0] + 1
-    print(json.dumps(dict(copies=(resident("VmHWM") - rest) / (clips * config.conv_dim[0] * first * 4),
-                          norm=config.feat_extract_norm)))
+    copies = (resident("VmHWM") - rest) / (clips * config.conv_dim[0] * first * 4)
+    print(json.dumps({"copies": copies, "norm": config.feat_extract_norm}))
 
 
 def in_subprocess(call):
     """The JSON line that `call` (Python source, run in this module) prints, from a fresh process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **MEASURE_ENV)
     out = subprocess.run([sys.executable, "-c", f"import test_estimate as t; t.{call}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
