@@ -20,14 +20,13 @@ from efficiency import GPU_DATASHEETS, datasheet_gpu, peak_flops
 
 GiB = 2**30
 ADAM_BYTES_PER_PARAMETER = 4 + 4 + 4  # float32 gradient, exp_avg, exp_avg_sq (the float32 master is the weight)
-# The wav2vec2-family conv front end's transient peak, in copies of its first conv's output (B, C, L0), by its norm
-# (feat_extract_norm): layer norm on the transposed output takes a contiguous copy beside the conv's output and
-# its own; group norm normalizes in place of neither. Measured on CPU, the feature encoder alone under no_grad
-# (tests/test_estimate.py, test_conv_front_end_peak): 3.5 and 2.5 copies.
+# The wav2vec2-family conv front end's transient peak under no_grad, in copies of its first conv's output (B, C, L0),
+# by its norm (feat_extract_norm): measured, not derived, on CPU (the feature encoder alone, tests/test_estimate.py
+# test_conv_front_end_peak): 3.5 with layer norm (it runs on the transposed output: a copy more), 2.5 with group norm
 CONV_COPIES = {"layer": 3.5, "group": 2.5}
-# Without a data index (--estimate_hours, a stream): LibriSpeech's, read off its published statistics. 960 h in
-# 281,241 clips (openslr SLR12), 12.3 s a clip; read speech at 2.7 words a second (bench.py's WORDS_PER_SECOND),
-# 1.3 Llama tokens a word (tests/fixtures LibriSpeech transcripts, tests/test_estimate.py)
+# Without a data index (--estimate_hours, a stream): LibriSpeech-like clips. 960 h in 281,241 clips (openslr SLR12),
+# 12.3 s a clip; read speech at 2.7 words a second (bench.py's WORDS_PER_SECOND) and 1.3 Llama tokens a word, the
+# usual figure for English prose: assumed, not measured on LibriSpeech (the test fixture's plain words give 1.03)
 NOMINAL_CLIP_SECONDS = 960 * 3600 / 281_241
 NOMINAL_TOKENS_PER_SECOND = 2.7 * 1.3
 # Transcripts tokenized to count an epoch's target tokens: evenly spaced over the index, the sum scaled up

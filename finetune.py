@@ -396,7 +396,8 @@ def main(argv=None, efficiency=None):
     # process's start, as a script).
     efficiency = efficiency or RunEfficiency()
     config, model_args, data_args, training_args = arguments(sys.argv[1:] if argv is None else argv)
-    with hold_output_dir(training_args.output_dir, holder=training_args.should_save):
+    # --estimate writes nothing: it leaves --output_dir alone, even to lock it
+    with hold_output_dir(training_args.output_dir, holder=training_args.should_save and not data_args.estimate):
         return run(config, model_args, data_args, training_args, efficiency)
 
 
