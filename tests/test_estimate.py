@@ -141,20 +141,6 @@ def test_epoch_flops_are_the_flop_counters(train_clips):
     assert e.epoch_seconds == pytest.approx(e.epoch_flops / 0.5e12)
 
 
-def test_meta_backbones_hold_no_weights():
-    from backbones import backbones_on_meta
-    from model import SlamASRConfig
-
-    config = SlamASRConfig(encoder=str(ROOT / "configs/hubert-large-ls960-ft"),
-                           llm=str(ROOT / "configs/tinyllama-1.1b-chat"))
-    encoder, llm, _, _ = backbones_on_meta(config, torch.float16)
-    # all but HuBERT's masked_spec_embed (1024 values: made with torch.Tensor(), which ignores the device context)
-    real = [n for n, p in [*encoder.named_parameters(), *llm.named_parameters()] if p.device.type != "meta"]
-    assert real == ["masked_spec_embed"]
-    assert sum(p.numel() for p in llm.parameters()) == 1_100_048_384  # TinyLlama-1.1B
-    assert {p.dtype for p in llm.parameters()} == {torch.float16}
-
-
 def run_finetune(*args):
     proc = run_script([sys.executable, "finetune.py", *args])
     out, _ = proc.communicate(timeout=300)
