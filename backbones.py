@@ -104,6 +104,37 @@ def load_backbones(config, torch_dtype=None, trust_remote_code=False, attn_imple
     return encoder, llm, tokenizer, feature_extractor
 
 
+def backbones_on_meta(config, torch_dtype=None, trust_remote_code=False):
+    """(encoder, llm, tokenizer, feature_extractor) as load_backbones gives them, but with their parameters on the
+    `meta` device: shapes and dtypes without memory or weights, built from the configs alone (what estimate.py
+    counts before anything heavy loads). "tiny" builds the real tiny ones: they are a few MB."""
+    import transformers as hf
+
+    torch_dtype = torch_dtype or torch.float32
+    tiny = tiny_backbones() if TINY in (config.encoder, config.llm) else None
+    if config.encoder == TINY:
+        encoder, feature_extractor = tiny[0].to(torch_dtype), tiny[3]
+    else:
+        encoder_config = load_pretrained("speech encoder's config", config.encoder, hf.AutoConfig.from_pretrained,
+                                         trust_remote_code=trust_remote_code)
+        feature_extractor = load_pretrained("speech encoder's feature extractor", config.encoder,
+                                            hf.AutoFeatureExtractor.from_pretrained, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            if encoder_config.model_type == "whisper":
+                encoder = hf.WhisperModel._from_config(encoder_config, dtype=torch_dtype).get_encoder()
+            else:
+                encoder = hf.AutoModel.from_config(encoder_config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if config.llm == TINY:
+        llm, tokenizer = tiny[1].to(torch_dtype), tiny[2]
+    else:
+        llm_config = load_pretrained("LLM's config", config.llm, hf.AutoConfig.from_pretrained,
+                                     trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(config.llm, trust_remote_code)
+        with torch.device("meta"):
+            llm = hf.AutoModelForCausalLM.from_config(llm_config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return encoder.eval(), llm.eval(), tokenizer, feature_extractor
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Speech encoder kinds: how the encoder takes the processor's audio batch, how many frames each clip gets,
 # whether padding reaches them, and what they cost. A new kind is one class and one line in encoder_kind.

@@ -24,12 +24,27 @@ from processor import write_text_atomic
 
 logger = logging.getLogger("finetune")
 
-# Dense (no sparsity) bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets, by torch.cuda.get_device_name();
-# the more specific names first. Other devices and dtypes get a measured peak (matmul_peak).
-GPU_HALF_PEAKS = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
-    ("A100", 312e12), ("A10G", 70e12), ("L4", 121e12), ("L40S", 362e12),
+# Dense (no sparsity) bf16/fp16 tensor-core FLOP/s (fp32 accumulate) and memory (GB, 1e9 bytes) from the vendors'
+# datasheets, by torch.cuda.get_device_name(); the more specific names first. Sources: NVIDIA H100 datasheet (SXM
+# 989.4 TF, 80 GB; PCIe 756 TF, 80 GB; NVL 835 TF, 94 GB), H200 datasheet (989.4 TF, 141 GB), GH200 (H100's core,
+# 96 GB), A100 datasheet (312 TF, 80 or 40 GB), A10G (AWS G5's A10 variant: 70 TF, 24 GB, AWS's instance page),
+# L4 datasheet (121 TF, 24 GB), L40S datasheet (362 TF, 48 GB), Ada whitepaper for the RTX 4090 (165.2 TF with
+# fp32 accumulate, 24 GB). Other devices and dtypes get a measured peak (matmul_peak).
+GPU_DATASHEETS = (  # (name, dense half FLOP/s, memory bytes)
+    ("H100 PCIe", 756e12, 80e9), ("H100 NVL", 835e12, 94e9), ("GH200", 989.4e12, 96e9), ("H100", 989.4e12, 80e9),
+    ("H200", 989.4e12, 141e9), ("A100 80GB", 312e12, 80e9), ("A100 40GB", 312e12, 40e9), ("A100", 312e12, 40e9),
+    ("A10G", 70e12, 24e9), ("L40S", 362e12, 48e9), ("L4", 121e12, 24e9), ("RTX 4090", 165.2e12, 24e9),
 )
+GPU_HALF_PEAKS = tuple((name, flops) for name, flops, _ in GPU_DATASHEETS)
+
+
+def datasheet_gpu(name):
+    """(dense half FLOP/s, memory bytes) of the first GPU_DATASHEETS entry whose name is in `name` (case and
+    spaces aside: "a100-80gb" finds "A100 80GB"), or None."""
+    def squeeze(text):
+        return text.upper().replace(" ", "").replace("-", "").replace("_", "")
+
+    return next(((flops, memory) for key, flops, memory in GPU_DATASHEETS if squeeze(key) in squeeze(name)), None)
 
 
 def sync(device):

@@ -38,11 +38,12 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainerStat
 from transformers.trainer import TRAINER_STATE_NAME
 
 import corpus
-from backbones import load_tokenizer
+from backbones import backbones_on_meta, load_tokenizer
 from batching import DurationBatchSampler, SpeechCollator, padding_fraction
 from checkpoints import checkpoint_step, hold_output_dir, resolve_resume
 from dataset import CachedFeatureDataset, FeatureCache, SpeechDataset, StreamingSpeechDataset
 from decoding import decoding_name
+import estimate
 from efficiency import RunEfficiency, fast_on_cpu, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
 from processor import chat_prompt_template
@@ -138,6 +139,20 @@ class DataArguments:
                 "computed once before training (each rank its share), then every epoch trains from it."})
     max_nonfinite_steps: int = field(default=25, metadata={
         "help": "Stop after this many consecutive steps with a NaN/Inf loss (each one is skipped)."})
+    estimate: bool = field(default=False, metadata={
+        "help": "Print what the run needs, then exit: memory per process (weights, adapter gradients and AdamW, "
+                "activations at the longest batch) and time per epoch, from the backbones' configs alone (no "
+                "weights load) and the data's index; every run logs the same lines at its start."})
+    estimate_gpu: str | None = field(default=None, metadata={
+        "help": "Reckon the time on this GPU's datasheet peak (and its memory) instead of the device here: H100, "
+                "A100 80GB, A100 40GB, L4, A10G, RTX 4090, ... (efficiency.GPU_DATASHEETS); needs --fp16 or --bf16."})
+    estimate_mfu: float = field(default=0.35, metadata={
+        "help": "The model FLOPs utilization the time estimate assumes (a share of the peak)."})
+    estimate_hours: float | None = field(default=None, metadata={
+        "help": "Reckon an epoch of this many audio hours of LibriSpeech-like clips instead of reading the data's "
+                "index (for a stream, or data not at hand); the longest clip is --max_duration."})
+    ignore_memory_estimate: bool = field(default=False, metadata={
+        "help": "Train even where the memory estimate exceeds the GPU's free memory (it is then a warning)."})
     preprocessing_only: bool = field(default=False, metadata={
         "help": "Download the backbones and the data and index it, in this one process, then exit. Run it once "
                 "before a multi-GPU launch (script.sh does): there, rank 0 does this while the other ranks wait "
@@ -278,7 +293,8 @@ def validate_args(data_args, training_args):
                              "at 16 clips x 8 GPUs per step is about 2,200 steps per epoch)")
     sources = [f"--{name}" for name in ("librispeech_dir", "dataset_name", "train_manifest")
                if getattr(data_args, name)]
-    if len(sources) != 1:
+    reckoned = data_args.estimate and data_args.estimate_hours is not None  # an epoch of hours, no data read
+    if len(sources) != 1 and not (reckoned and not sources):
         raise ValueError(f"{' and '.join(sources)}: train on one data source" if sources else
                          "no data: pass --librispeech_dir, --dataset_name or --train_manifest")
     if data_args.eval_split and data_args.eval_manifest:
@@ -327,6 +343,8 @@ def validate_args(data_args, training_args):
         ("max_eval_samples", d.max_eval_samples, d.max_eval_samples is None or d.max_eval_samples >= 1,
          ">= 1, or unset for the whole split"),
         ("shuffle_buffer_size", d.shuffle_buffer_size, d.shuffle_buffer_size >= 0, ">= 0"),
+        ("estimate_mfu", d.estimate_mfu, 0 < d.estimate_mfu <= 1, "a share of the peak, > 0 and <= 1"),
+        ("estimate_hours", d.estimate_hours or 0, d.estimate_hours is None or d.estimate_hours > 0, "> 0"),
     ]
     wrong = [f"--{name} {value:g} (must be {rule})" for name, value, ok, rule in ranges if not ok]
     if wrong:
@@ -380,7 +398,8 @@ def main(argv=None, efficiency=None):
     # process's start, as a script).
     efficiency = efficiency or RunEfficiency()
     config, model_args, data_args, training_args = arguments(sys.argv[1:] if argv is None else argv)
-    with hold_output_dir(training_args.output_dir, holder=training_args.should_save):
+    # --estimate writes nothing: it leaves --output_dir alone, even to lock it
+    with hold_output_dir(training_args.output_dir, holder=training_args.should_save and not data_args.estimate):
         return run(config, model_args, data_args, training_args, efficiency)
 
 
@@ -396,6 +415,8 @@ def run(config, model_args, data_args, training_args, efficiency=None):
     check_data_sources(data_args)
     config = with_rendered_prompt(config, model_args)
     resume = resolve_resume(training_args, config)
+    if data_args.estimate:  # what the run would need, from the backbones' configs and the data's index, then exit
+        return print_estimate(config, model_args, data_args, training_args)
 
     # 4. Model: frozen backbones in the training precision, the adapter in float32, the eval WER's decoding
     model = load_model(config, model_args, data_args, training_args)
@@ -405,6 +426,7 @@ def run(config, model_args, data_args, training_args, efficiency=None):
     # 5. Data (and the frozen encoder's outputs, once, with --feature_cache)
     train_dataset, eval_dataset = load_data(data_args, training_args, model.processor)
     log_sizes(model, train_dataset, eval_dataset, data_args)
+    check_memory(run_estimate(model, train_dataset, data_args, training_args), data_args, training_args)
     efficiency.lap("indexing")
     if data_args.preprocessing_only:
         logger.info("backbones and data are downloaded and indexed; the training launch will read them from the "
@@ -557,6 +579,63 @@ def log_sizes(model, train_dataset, eval_dataset, data_args):
              if data_args.streaming else f"{len(train_dataset):,} clips, {hours(train_dataset):.2f} h")
     logger.info(f"train: {train}"
                 + (f"; eval: {len(eval_dataset):,} clips, {hours(eval_dataset):.2f} h" if eval_dataset else ""))
+
+
+def run_estimate(model, train_dataset, data_args, training_args):
+    """The run's estimate.Estimate (memory per process, time per epoch), logged: of the data's index, or of
+    --estimate_hours; None for a stream without --estimate_hours (no epoch to reckon)."""
+    t, d = training_args, data_args
+    if d.estimate_hours is None and d.streaming:
+        logger.info("estimate: a stream has no index to reckon an epoch from; pass --estimate_hours")
+        return None
+    longest = d.max_duration if d.estimate_hours is not None else max(train_dataset.durations)
+    if not math.isfinite(longest):
+        raise ValueError("--estimate_hours reckons the longest batch at --max_duration: give a finite one")
+    clips = estimate.worst_batch_clips(t.per_device_train_batch_size, d.max_batch_seconds, longest)
+    if d.estimate_hours is not None:
+        epoch = estimate.nominal_epoch(model, d.estimate_hours, clips, longest, d.max_target_tokens)
+    else:
+        epoch = estimate.epoch_from_data(model, train_dataset.durations, [r.text for r in train_dataset.records], clips,
+                                d.max_target_tokens, "the training index")
+    peak, source = estimate.device_peak(d.estimate_gpu, t.device, training_dtype(t))
+    result = estimate.estimate(model, epoch, peak, source, d.estimate_mfu, t.world_size,
+                               encoder_in_steps=not d.feature_cache)
+    for line in estimate.lines(result):
+        logger.info(line)
+    return result
+
+
+def check_memory(result, data_args, training_args):
+    """On a GPU, refuses (one line, what to change) a run whose estimate exceeds the memory free to this process:
+    now, not at the first out-of-memory step."""
+    device = training_args.device
+    if result is None or device.type != "cuda":
+        return
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)  # what this process holds counts
+    warning = estimate.check_fits(result, free, torch.cuda.get_device_name(device), allow=data_args.ignore_memory_estimate)
+    if warning:
+        logger.warning(warning)
+
+
+def print_estimate(config, model_args, data_args, training_args):
+    """--estimate: the backbones' shapes on the meta device (configs, tokenizer, feature extractor; no weights),
+    the training index (headers only) unless --estimate_hours, the estimate's lines, and whether it fits the GPU
+    named by --estimate_gpu (its datasheet memory) or the one here (its free memory). Exits 0."""
+    encoder, llm, tokenizer, feature_extractor = backbones_on_meta(config, training_dtype(training_args),
+                                                                   model_args.trust_remote_code)
+    model = SlamASR(config, encoder, llm, tokenizer, feature_extractor)
+    train_dataset = None
+    if data_args.estimate_hours is None and not data_args.streaming:
+        train_dataset = load_split(data_args, data_args.train_split, data_args.train_manifest, model.processor,
+                                   "train")
+    result = run_estimate(model, train_dataset, data_args, training_args)
+    if result is not None and data_args.estimate_gpu:
+        memory = estimate.gpu_datasheet(data_args.estimate_gpu)[1]
+        logger.info(estimate.check_fits(result, memory, f"{data_args.estimate_gpu} ({memory / 1e9:.0f} GB)", allow=True)
+                    or f"estimate: fits the {memory / 1e9:.0f} GB of {data_args.estimate_gpu}")
+    elif result is not None:
+        check_memory(result, replace(data_args, ignore_memory_estimate=True), training_args)
+    return 0
 
 
 def fill_feature_cache(model, train_dataset, data_args, training_args, encode):

@@ -9,13 +9,14 @@ import pytest
 import torch
 from conftest import (
     FIXTURE,
+    ROOT,
     assert_padded_batch_matches_singles,
     overfit,
     read_split,
     tiny_args,
 )
 
-from backbones import encoder_kind
+from backbones import backbones_on_meta, encoder_kind
 from model import SlamASR, SlamASRConfig
 
 KINDS = ["wav2vec2", "wavlm", "data2vec-audio", "whisper"]
@@ -268,3 +269,15 @@ def test_what_is_not_a_speech_encoder_is_named_as_such(encoder_dirs, tmp_path):
     with pytest.raises(OSError, match="could not load the speech encoder's feature extractor from the folder") as e:
         SlamASR.from_config(SlamASRConfig(encoder=str(tmp_path / "no-extractor"), llm="tiny"))
     assert "hf download" not in str(e.value)  # a folder lacks a file: no advice about downloads
+
+
+def test_meta_backbones_hold_no_weights():
+    # what finetune.py --estimate counts: shapes and dtypes from configs/ alone, no weights
+    config = SlamASRConfig(encoder=str(ROOT / "configs/hubert-large-ls960-ft"),
+                           llm=str(ROOT / "configs/tinyllama-1.1b-chat"))
+    encoder, llm, _, _ = backbones_on_meta(config, torch.float16)
+    # all but HuBERT's masked_spec_embed (1024 values: made with torch.Tensor(), which ignores the device context)
+    real = [n for n, p in [*encoder.named_parameters(), *llm.named_parameters()] if p.device.type != "meta"]
+    assert real == ["masked_spec_embed"]
+    assert sum(p.numel() for p in llm.parameters()) == 1_100_048_384  # TinyLlama-1.1B
+    assert {p.dtype for p in llm.parameters()} == {torch.float16}

@@ -147,3 +147,14 @@ def test_a_resumed_runs_accounting_covers_the_whole_run(tmp_path, monkeypatch, c
     first = json.loads((out / "checkpoint-2" / "efficiency_rank0.json").read_text())
     assert report["wall_seconds"] > first["wall_seconds"] and report["flops"]["total"] > 0
     assert json.loads((out / "train_results.json").read_text())["resumed_from_step"] == 2
+
+
+@pytest.mark.parametrize("name,flops,memory", [
+    ("NVIDIA H100 80GB HBM3", 989.4e12, 80e9), ("NVIDIA H100 PCIe", 756e12, 80e9), ("a100-80gb", 312e12, 80e9),
+    ("NVIDIA L40S", 362e12, 48e9), ("NVIDIA L4", 121e12, 24e9), ("NVIDIA A10G", 70e12, 24e9),
+    ("NVIDIA GeForce RTX 4090", 165.2e12, 24e9), ("NVIDIA GH200 480GB", 989.4e12, 96e9),
+])
+def test_datasheets_by_device_name(name, flops, memory):
+    # the more specific entries first: an L40S is no L4, a GH200 no H200, an H100 PCIe no SXM H100
+    assert efficiency.datasheet_gpu(name) == (flops, memory)
+    assert efficiency.datasheet_gpu("NOSUCH") is None
