@@ -38,12 +38,17 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainerStat
 from transformers.trainer import TRAINER_STATE_NAME
 
 import corpus
+import estimate
 from backbones import backbones_on_meta, load_tokenizer
 from batching import DurationBatchSampler, SpeechCollator, padding_fraction
 from checkpoints import checkpoint_step, hold_output_dir, resolve_resume
-from dataset import CachedFeatureDataset, FeatureCache, SpeechDataset, StreamingSpeechDataset
+from dataset import (
+    CachedFeatureDataset,
+    FeatureCache,
+    SpeechDataset,
+    StreamingSpeechDataset,
+)
 from decoding import decoding_name
-import estimate
 from efficiency import RunEfficiency, fast_on_cpu, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
 from processor import chat_prompt_template
