@@ -134,7 +134,8 @@ def collate_frames(samples):
 
 class SpeechCollator:
     """Samples (dataset.Sample) -> SpeechBatch: input_values (or Whisper's input_features) and audio_lengths, or
-    cached encoder_frames and frame_lengths; labels. Made by the processor (processor.SlamASRProcessor)."""
+    cached encoder_frames and frame_lengths; labels; each clip's prompt ids where the clips' languages differ
+    from the reference prompt's (prompt_prefix, prompt_suffix). Made by the processor (processor.SlamASRProcessor)."""
 
     def __init__(self, processor, max_target_tokens=None):
         self.processor = processor
@@ -146,7 +147,10 @@ class SpeechCollator:
             batch["encoder_frames"], batch["frame_lengths"] = collate_frames(samples)
         else:
             batch.update(self.processor(audios=[s.audio for s in samples]))
-        batch["labels"], truncated = self.processor.labels([s.text for s in samples], self.max_target_tokens)
+        languages = [s.language for s in samples]
+        batch["labels"], truncated = self.processor.labels([s.text for s in samples], self.max_target_tokens,
+                                                           languages)
+        batch.update(self.processor.prompt_rows(languages))  # each clip's prompt, where not all are the reference
         filtered = Counter()
         for s in samples:  # only a stream filters while batching; indexed data is filtered up front
             filtered.update(s.filtered)

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from audio import MIN_AUDIO_SAMPLES, SAMPLE_RATE, DataError, audio_duration, file_identity, file_problem
+from processor import language_problem
 from text import normalize_transcript
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Record:
     duration: float | None = None  # seconds, from the audio's header
     identity: str | None = None  # what the feature cache knows the audio by (audio.file_identity, or the hub row)
     listed_duration: float | None = None  # a manifest's own "duration", checked against the header
+    language: str | None = None  # the clip's own (a manifest's "language", a --language_column); None: the run's
 
     @property
     def source(self):
@@ -73,13 +75,27 @@ class DataReport:
 class ClipFilter:
     """The one rule for which clips are trained on, applied at indexing and to every streamed clip alike:
     transcripts normalized (normalize_transcript), then empty ones, ones that write out one of the LLM's
-    special tokens (a "</s>" would be trained as an EOS in mid-sentence) and clips outside
-    [min_duration, max_duration] seconds dropped."""
+    special tokens (a "</s>" would be trained as an EOS in mid-sentence), clips outside [min_duration,
+    max_duration] seconds and, where the run names its `languages`, clips in another language (a clip that
+    names none speaks the run's `language`) dropped."""
 
     min_duration: float = 0.0
     max_duration: float = float("inf")
     case: str = "auto"  # text.TRANSCRIPT_CASES
     special_tokens: tuple = ()
+    language: str | None = None
+    languages: tuple | None = None
+
+    def language_of(self, language):
+        """(the clip's language: its own, else the run's; why the clip is dropped for it or None)."""
+        if language is not None and language_problem(language):
+            return None, "its language is not a language's name or code"
+        language = self.language if language is None else language.strip()
+        if self.languages is None or language in self.languages:
+            return language, None
+        if language is None:
+            return language, "no language (give each clip one, or --language for those without)"
+        return language, f"language {language!r} is not one of --languages"
 
     def __call__(self, text, duration):
         """(the normalized transcript, why the clip is dropped or None)."""
@@ -151,8 +167,8 @@ def utf8_lines(path, report):
 
 def read_manifest(path, report, require_text=True):
     """Records from a JSON-lines manifest: {"audio": path (relative to the manifest), "text": ...}, optional
-    "id" and "duration". A listed duration is kept to be checked against the file's header (with_durations);
-    it is never used in place of the header's."""
+    "id", "duration" and "language" (the clip's, named in its prompt). A listed duration is kept to be checked
+    against the file's header (with_durations); it is never used in place of the header's."""
     base = Path(path).parent
     records = []
     for lineno, line in enumerate(utf8_lines(path, report), 1):
@@ -174,10 +190,15 @@ def read_manifest(path, report, require_text=True):
                 math.isfinite(listed) and listed >= 0)):  # json.loads accepts NaN and Infinity
             report.add('manifest "duration" is not a finite number >= 0', where)
             continue
+        language = entry.get("language")
+        if language is not None and language_problem(language):
+            report.add('manifest "language" is not a language\'s name or code', where)
+            continue
         text = entry.get("text")
         records.append(Record(id=str(entry.get("id", entry["audio"])), text=text if isinstance(text, str) else None,
                               path=str(base / entry["audio"]),
-                              listed_duration=None if listed is None else float(listed)))
+                              listed_duration=None if listed is None else float(listed),
+                              language=None if language is None else language.strip()))
     return records
 
 
@@ -187,17 +208,20 @@ TEXT_COLUMNS = ("text", "sentence", "normalized_text", "transcript", "transcript
 @dataclass(frozen=True)
 class Columns:
     """Which columns of a hub dataset hold the audio, the transcript (the first of TEXT_COLUMNS it has, unless
-    named) and an id (the row number where none is named and there is no `id` column)."""
+    named), an id (the row number where none is named and there is no `id` column) and each clip's language
+    (none unless named: FLEURS' `language`, Common Voice's `locale`)."""
 
     audio: str = "audio"
     text: str | None = None
     id: str | None = None
+    language: str | None = None
 
     def of(self, column_names, name):
         """These columns for a dataset with `column_names`, the transcript's and the id's found; one line naming
         what is missing otherwise."""
         text = self.text or next((c for c in TEXT_COLUMNS if c in column_names), None)
-        for flag, column in (("--audio_column", self.audio), ("--text_column", text), ("--id_column", self.id)):
+        for flag, column in (("--audio_column", self.audio), ("--text_column", text), ("--id_column", self.id),
+                             ("--language_column", self.language)):
             if column is not None and column not in column_names or flag == "--text_column" and column is None:
                 raise ValueError(f"{name} has no {flag.removeprefix('--').replace('_', ' ')} "
                                  f"{column or '(none of ' + ', '.join(TEXT_COLUMNS) + ')'}: its columns are "
@@ -246,13 +270,14 @@ def records_from_hub(dataset, report, columns=Columns(), num_proc=None):
                             remove_columns=dataset.column_names)["duration"]
     records = []
     ids = dataset[columns.id] if columns.id else range(len(dataset))
-    for row, (utt, text, duration) in enumerate(zip(ids, dataset[columns.text], durations)):
+    languages = dataset[columns.language] if columns.language else [None] * len(dataset)
+    for row, (utt, text, duration, language) in enumerate(zip(ids, dataset[columns.text], durations, languages)):
         utt = str(utt)
         if duration < 0:
             report.add("unreadable audio", utt)
             continue
         records.append(Record(id=utt, text=text, row=row, duration=duration,
-                              identity=f"hub:{dataset._fingerprint}:{row}"))
+                              identity=f"hub:{dataset._fingerprint}:{row}", language=language))
     return records, dataset
 
 
@@ -309,10 +334,11 @@ def prepare(name, records, report, clip_filter=ClipFilter(), strict_data=False):
     kept = []
     for r in with_durations(drop_duplicate_ids(records, report), report):
         text, reason = clip_filter(r.text, r.duration)
-        if reason:
-            report.add(reason, r.id)
+        language, wrong_language = clip_filter.language_of(r.language)
+        if reason or wrong_language:
+            report.add(reason or wrong_language, r.id)
         else:
-            kept.append(replace(r, text=text))
+            kept.append(replace(r, text=text, language=language))
     report.log(strict_data)
     if not kept:
         raise DataError(f"{name}: no usable clips left after filtering (see the report above)")

@@ -34,6 +34,7 @@ class Sample:
 
     id: str
     text: str
+    language: str | None = None  # named in the clip's prompt; None: the model's
     audio: np.ndarray | None = None  # (samples,) float32 at the encoder's rate
     frames: torch.Tensor | None = None  # (T, d_enc) half precision, from the feature cache
     skipped: list = field(default_factory=list)  # (id, reason) of the bad clips this one replaced
@@ -82,7 +83,7 @@ class SpeechDataset(torch.utils.data.Dataset):
             except DataError as e:
                 skip_bad_clip(record.id, e, skipped, self.strict_data)
                 continue
-            return Sample(id=record.id, text=record.text, audio=audio, skipped=skipped)
+            return Sample(id=record.id, text=record.text, language=record.language, audio=audio, skipped=skipped)
         raise DataError(f"{MAX_REPLACEMENTS} consecutive clips failed to load, the last: {skipped[-1][1]}. "
                         "The data is broken beyond skipping; check the paths and files.")
 
@@ -127,12 +128,16 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
                     skip_bad_clip(utt, e, skipped, self.strict_data)
                     continue
                 text, reason = self.clip_filter(row[self.columns.text], len(samples) / self.sampling_rate)
+                language, wrong_language = self.clip_filter.language_of(
+                    row[self.columns.language] if self.columns.language else None)
+                reason = reason or wrong_language
                 if reason:
                     if self.strict_data:
                         raise DataError(f"{utt}: {reason} (--strict_data is on)")
                     filtered[reason] += 1
                     continue
-                yield Sample(id=utt, text=text, audio=samples, skipped=skipped, filtered=dict(filtered))
+                yield Sample(id=utt, text=text, language=language, audio=samples, skipped=skipped,
+                             filtered=dict(filtered))
                 skipped, filtered = [], Counter()
                 kept += 1
             if seen == 0:
@@ -290,4 +295,4 @@ class CachedFeatureDataset(SpeechDataset):
 
     def __getitem__(self, index):
         record = self.records[index]
-        return Sample(id=record.id, text=record.text, frames=self.cache.read(record))
+        return Sample(id=record.id, text=record.text, language=record.language, frames=self.cache.read(record))

@@ -91,12 +91,15 @@ class Estimate:
 # The epoch and its worst batch
 
 
-def epoch_from_data(model, durations, texts, batch_clips, max_target_tokens, source):
-    """The epoch of an index (clip durations and transcripts); the worst batch holds `batch_clips` clips of the
-    longest duration, each with the longest transcript of the tokenized sample."""
+def epoch_from_data(model, durations, texts, batch_clips, max_target_tokens, source, languages=None):
+    """The epoch of an index (clip durations, transcripts, and each clip's language where it names one); the worst
+    batch holds `batch_clips` clips of the longest duration, each with the longest transcript of the tokenized
+    sample."""
     samples = torch.tensor([round(d * model.sampling_rate) for d in durations])
     step = max(1, math.ceil(len(texts) / TOKENIZED_SAMPLE))
-    lengths = [min(len(model.processor.transcript_ids(t)) + 1, max_target_tokens) for t in texts[::step]]
+    languages = languages or [None] * len(texts)
+    lengths = [min(len(model.processor.transcript_ids(t, lang)) + 1, max_target_tokens)
+               for t, lang in zip(texts[::step], languages[::step])]
     return Epoch(clips=len(durations), audio_seconds=float(sum(durations)),
                  speech_tokens=int(model.speech_lengths(samples).sum()),
                  target_tokens=round(sum(lengths) * len(texts) / len(lengths)), batch_clips=batch_clips,

@@ -51,7 +51,7 @@ from dataset import (
 from decoding import decoding_name
 from efficiency import RunEfficiency, fast_on_cpu, process_start, scalars, summary_line
 from model import ADAPTER_FILES, SlamASR, SlamASRConfig
-from processor import chat_prompt_template
+from processor import LANGUAGE_SLOT, chat_prompt_template
 from text import NORMALIZER_NAMES, TRANSCRIPT_CASES, WER_NORMALIZERS, score_rule
 from trainer import NonFiniteTraining, SlamASRTrainer, StopDuringEvaluation
 
@@ -97,6 +97,9 @@ class DataArguments:
                 " it has (the choice is logged)."})
     id_column: str | None = field(default=None, metadata={
         "help": "--dataset_name's clip id column; by default `id` where there is one, else the row number."})
+    language_column: str | None = field(default=None, metadata={
+        "help": "--dataset_name's column naming each clip's language (FLEURS' `language`, Common Voice's `locale`): "
+                "the prompt names it; needs --languages. A manifest names it in each line's \"language\"."})
     streaming: bool = field(default=False, metadata={
         "help": "Stream --dataset_name instead of downloading it first: clips are decoded and filtered as they "
                 "arrive (needs --max_steps); the first --max_eval_samples clips of the eval split are held in memory."})
@@ -417,8 +420,11 @@ def run(config, model_args, data_args, training_args, efficiency=None):
 
     # 3. What needs no model, first: the data sources exist, the prompt (the LLM's chat template, rendered, unless
     # given: its tokenizer alone), and what to resume from (a checkpoint of this very config), or a refusal
-    check_data_sources(data_args)
+    config = with_data_languages(config, data_args, check_data_sources(data_args))
     config = with_rendered_prompt(config, model_args)
+    if config.languages and LANGUAGE_SLOT not in config.prompt_template:
+        logger.warning(f"--prompt_template names no language ({LANGUAGE_SLOT}): the clips' languages "
+                       f"({', '.join(config.languages)}) choose only how each is scored, not what the LLM is asked")
     resume = resolve_resume(training_args, config)
     if data_args.estimate:  # what the run would need, from the backbones' configs and the data's index, then exit
         return print_estimate(config, model_args, data_args, training_args)
@@ -556,14 +562,15 @@ def load_split(data_args, split, manifest, processor, what, max_samples=None):
 
 
 def columns(data_args):
-    return corpus.Columns(data_args.audio_column, data_args.text_column, data_args.id_column)
+    return corpus.Columns(data_args.audio_column, data_args.text_column, data_args.id_column,
+                          data_args.language_column)
 
 
 def clip_filter(data_args, processor):
     """Which clips are trained on (corpus.ClipFilter): the durations asked for, no transcript that writes out one of
-    the LLM's special tokens."""
+    the LLM's special tokens, the languages the adapter is for (where it names them)."""
     return corpus.ClipFilter(data_args.min_duration, data_args.max_duration, data_args.transcript_case,
-                             tuple(processor.special_tokens))
+                             tuple(processor.special_tokens), processor.language, processor.languages or None)
 
 
 def load_train_stream(data_args, training_args, processor):
@@ -600,8 +607,9 @@ def run_estimate(model, train_dataset, data_args, training_args):
     if d.estimate_hours is not None:
         epoch = estimate.nominal_epoch(model, d.estimate_hours, clips, longest, d.max_target_tokens)
     else:
-        epoch = estimate.epoch_from_data(model, train_dataset.durations, [r.text for r in train_dataset.records], clips,
-                                d.max_target_tokens, "the training index")
+        records = train_dataset.records
+        epoch = estimate.epoch_from_data(model, train_dataset.durations, [r.text for r in records], clips,
+                                         d.max_target_tokens, "the training index", [r.language for r in records])
     peak, source = estimate.device_peak(d.estimate_gpu, t.device, training_dtype(t))
     result = estimate.estimate(model, epoch, peak, source, d.estimate_mfu, t.world_size,
                                encoder_in_steps=not d.feature_cache)
@@ -729,16 +737,41 @@ def warn_precision(training_args):
 
 def check_data_sources(data_args):
     """The data sources named exist (folders, the splits in them, manifest files that parse): found in a second,
-    not after the backbones' download."""
+    not after the backbones' download. Returns the training manifest's records (None without one)."""
     report = corpus.DataReport("check")
     if data_args.librispeech_dir:
         for split in filter(None, (data_args.train_split, data_args.eval_split)):
             corpus.index_librispeech(data_args.librispeech_dir, split, report)
+    read = {}
     for flag, manifest in (("train_manifest", data_args.train_manifest), ("eval_manifest", data_args.eval_manifest)):
-        if manifest and not corpus.read_manifest(manifest, report):
-            raise ValueError(f"--{flag} {manifest}: no usable line (each is {{\"audio\": path, \"text\": ...}})")
+        if manifest:
+            read[flag] = corpus.read_manifest(manifest, report)
+            if not read[flag]:
+                raise ValueError(f"--{flag} {manifest}: no usable line (each is {{\"audio\": path, \"text\": ...}})")
     if data_args.dataset_name and os.path.sep in data_args.dataset_name and not os.path.exists(data_args.dataset_name):
         raise FileNotFoundError(f"--dataset_name {data_args.dataset_name}: no such folder")
+    return read.get("train_manifest")
+
+
+def with_data_languages(config, data_args, train_records):
+    """`config` with the languages its training clips name (SlamASRConfig.languages), unless given: a manifest's,
+    read before the prompt is rendered (a prompt that names the language is another template). A hub dataset's
+    --language_column is read only once it loads: its languages must be given."""
+    if data_args.language_column and not config.languages:
+        raise ValueError("--language_column needs --languages, the languages to train (a hub dataset's are known "
+                         "only once it loads), e.g. --languages English German; clips in others are left out")
+    if config.languages or not train_records:
+        return config
+    named = sorted({r.language for r in train_records if r.language is not None})
+    unnamed = sum(r.language is None for r in train_records)
+    if not named:
+        return config
+    if unnamed and config.language is None:
+        raise ValueError(f"--train_manifest {data_args.train_manifest}: {unnamed} of {len(train_records)} lines name "
+                         'no "language" while the others do: give each line one, or pass --language for those')
+    languages = named + ([config.language] if config.language is not None and config.language not in named else [])
+    logger.info(f"languages: {', '.join(languages)} (each clip's own, from --train_manifest): the prompt names it")
+    return replace(config, languages=languages)
 
 
 def with_rendered_prompt(config, model_args):
@@ -747,7 +780,7 @@ def with_rendered_prompt(config, model_args):
     if config.prompt_template is not None:
         return config
     tokenizer = load_tokenizer(config.llm, model_args.trust_remote_code)
-    return replace(config, prompt_template=chat_prompt_template(tokenizer, config.language))
+    return replace(config, prompt_template=chat_prompt_template(tokenizer, config.names_language))
 
 
 def finished(resume, training_args):
@@ -848,12 +881,15 @@ def model_card(model, training_args, data_args, steps, eval_metrics):
         normalizer, unit = score_rule(d.wer_normalizer, c.language)
         scored = (f"WER **{100 * eval_metrics['eval_wer']:.2f}%** on {d.max_eval_samples or 'all'} clips of "
                   f"{d.eval_split or os.path.basename(d.eval_manifest or '')}, "
-                  f"{decoding_name(model.generation_config.num_beams)}, {normalizer} normalizer "
-                  f"({NORMALIZER_NAMES[normalizer]}){' (CER)' if unit == 'character' else ''}.")
+                  f"{decoding_name(model.generation_config.num_beams)}, " +
+                  ("each clip normalized and scored by its own language's rule." if c.languages else
+                   f"{normalizer} normalizer ({NORMALIZER_NAMES[normalizer]}){' (CER)' if unit == 'character' else ''}."))
     else:
         scored = "Not evaluated during training."
     datasets = f"datasets:\n- {d.dataset_name}\n" if d.dataset_name else ""
-    language = f"{c.language} (the prompt's {{language}})" if c.language else "none named (LibriSpeech's prompt)"
+    language = (f"each clip's own, of {', '.join(c.languages)} (the prompt's {{language}}; "
+                f"{c.language or 'none'} for clips that name none)" if c.languages else
+                f"{c.language} (the prompt's {{language}})" if c.language else "none named (LibriSpeech's prompt)")
     return f"""---
 tags:
 - automatic-speech-recognition

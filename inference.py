@@ -30,6 +30,7 @@ class Clip:
     seconds: float = 0.0
     load: Callable | None = None
     error: str | None = None
+    language: str | None = None  # the clip's own, named by its prompt; None: the model's
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def transcribe(model, clips, batch_size=8, chunk_seconds=None, on_result=None, b
         while queue:
             if before_batch is not None:
                 before_batch()
-            items, audios = [], []
+            items, audios, languages = [], [], []
             while queue and len(items) < batch_size:
                 i, window, samples = heapq.heappop(queue)[2]
                 if window is None:
@@ -99,9 +100,10 @@ def transcribe(model, clips, batch_size=8, chunk_seconds=None, on_result=None, b
                         continue
                 items.append((i, window))
                 audios.append(samples)
+                languages.append(clips[i].language)
             if not audios:
                 continue
-            texts = model.generate(**model.processor(audios=audios).to(model.device))
+            texts = model.generate(**model.processor(audios=audios, languages=languages).to(model.device))
             for (i, window), text in zip(items, texts):
                 if window is None:
                     finish(i, Transcript(text=text))

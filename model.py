@@ -36,6 +36,8 @@ from processor import (
     SPEECH_PLACEHOLDER,
     SlamASRProcessor,
     chat_prompt_template,
+    language_problem,
+    render_prompt,
     write_text_atomic,
 )
 
@@ -132,7 +134,7 @@ ADAPTERS = {"linear": LinearAdapter, "conv": ConvAdapter, "ultravox": UltravoxAd
 
 # Fields saved configs may lack, with the meaning they had before the field existed (an adapter saved before
 # languages were supported was trained on a prompt that names none)
-FIELDS_ADDED_LATER = {"language": None}
+FIELDS_ADDED_LATER = {"language": None, "languages": None}
 
 
 @dataclass
@@ -162,7 +164,13 @@ class SlamASRConfig:
         "help": "The language of the transcripts, as the prompt should name it (e.g. French, or fr): the default "
                 "prompt becomes 'Transcribe this audio in {language}:', and the WER normalizer follows it "
                 "(Whisper's English one for English, its basic one for other languages, CER for zh/ja/th). "
-                "Unset: LibriSpeech's prompt, which names no language. transcribe.py --language overrides it."})
+                "Unset: LibriSpeech's prompt, which names no language. transcribe.py --language overrides it. With "
+                "clips that name their own language (--languages), the language of those that do not."})
+    languages: list[str] | None = field(default=None, metadata={
+        "help": "The languages of a corpus whose clips name their own (a manifest's \"language\", --language_column"
+                "): the prompt names each clip's, and clips in other languages are left out. Read from a manifest "
+                "when unset; needed with --language_column (a hub dataset's languages are not known before it "
+                "loads)."})
 
     def __post_init__(self):
         # Checked here, before any download, so that a typo costs a second and not a 5 GB fetch.
@@ -176,10 +184,21 @@ class SlamASRConfig:
                 f"prompt_template must contain exactly one {SPEECH_PLACEHOLDER} placeholder, found {count}: "
                 f"{self.prompt_template!r}"
             )
-        if self.language is not None and (not isinstance(self.language, str) or not self.language.strip()
-                                          or SPEECH_PLACEHOLDER in self.language or LANGUAGE_SLOT in self.language):
-            raise ValueError(f"language must be a language's name or code (e.g. French, fr), got {self.language!r}")
-        if self.prompt_template is not None and LANGUAGE_SLOT in self.prompt_template and self.language is None:
+        if self.language is not None and language_problem(self.language):
+            raise ValueError(f"language: {language_problem(self.language)}")
+        if self.languages is not None:
+            if isinstance(self.languages, str) or not isinstance(self.languages, (list, tuple)) or not self.languages:
+                raise ValueError(f"languages must be a list of languages (e.g. --languages French German), got "
+                                 f"{self.languages!r}")
+            problem = next(filter(None, map(language_problem, self.languages)), None)
+            if problem or len(set(self.languages)) < len(self.languages):
+                raise ValueError(f"languages: {problem or f'{self.languages} names a language twice'}")
+            self.languages = list(self.languages)
+            if self.language is not None and self.language not in self.languages:
+                raise ValueError(f"language {self.language!r} (for clips that name none) is not one of languages "
+                                 f"{self.languages}: add it to them")
+        if (self.prompt_template is not None and LANGUAGE_SLOT in self.prompt_template and self.language is None
+                and not self.languages):
             raise ValueError(f"prompt_template holds {LANGUAGE_SLOT} but no language is set: pass --language "
                              f"(e.g. --language French), or write the language into the template")
         if self.adapter not in ADAPTERS:
@@ -189,11 +208,22 @@ class SlamASRConfig:
         if not isinstance(self.adapter_hidden, int) or self.adapter_hidden < 1:
             raise ValueError(f"adapter_hidden must be an integer >= 1, got {self.adapter_hidden!r}")
 
+    @property
+    def names_language(self):
+        """Whether the prompt names a language: the run's, or each clip's."""
+        return self.language is not None or bool(self.languages)
+
+    @property
+    def reference_language(self):
+        """The language of the reference prompt (processor.py): `language`, else the first of `languages`."""
+        return self.language if self.language is not None or not self.languages else self.languages[0]
+
     def rendered_prompt(self):
-        """The prompt the LLM reads: the template with its language slot filled (None: the chat template's)."""
-        if self.prompt_template is None or self.language is None:
-            return self.prompt_template
-        return self.prompt_template.replace(LANGUAGE_SLOT, self.language.strip())
+        """The reference prompt the LLM reads: the template, its language slot filled with reference_language
+        (None: no template yet, the chat template's comes)."""
+        if self.prompt_template is None:
+            return None
+        return render_prompt(self.prompt_template, self.reference_language)
 
     def to_json_string(self):
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -222,6 +252,17 @@ class SlamASRConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path} should hold a JSON object of SlamASRConfig fields")
         return cls.from_dict(values, source=str(path), complete=complete)
+
+
+@dataclass
+class Spliced:
+    """The LLM's input for one batch (SlamASR.splice)."""
+
+    inputs_embeds: torch.Tensor  # (B, L, d_llm)
+    attention_mask: torch.Tensor  # (B, L)
+    targets: torch.Tensor  # (B, L): each position's label, -100 everywhere but transcript + EOS
+    shared: int  # leading positions every row holds the reference prefix's ids at (where the prefix cache goes)
+    prompt_lengths: torch.Tensor  # (B,) each row's prompt ids, prefix + suffix
 
 
 @dataclass
@@ -318,14 +359,15 @@ class SlamASR(nn.Module):
     # Trainer must not rescale our loss by its own label count: the loss is already a token mean.
     accepts_loss_kwargs = False
 
-    def __init__(self, config, encoder, llm, tokenizer, feature_extractor, prompt_ids=None):
+    def __init__(self, config, encoder, llm, tokenizer, feature_extractor, saved_prompt_ids=None):
         super().__init__()
         if config.prompt_template is None:  # the one the adapter trains with is saved with it, written out
-            config = replace(config, prompt_template=chat_prompt_template(tokenizer, config.language))
+            config = replace(config, prompt_template=chat_prompt_template(tokenizer, config.names_language))
         self.config = config
         self.encoder = encoder
         self.llm = llm
-        self.processor = SlamASRProcessor(feature_extractor, tokenizer, config.rendered_prompt(), prompt_ids)
+        self.processor = SlamASRProcessor(feature_extractor, tokenizer, config.prompt_template, saved_prompt_ids,
+                                          config.language, config.languages)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         # what the encoder takes and how many frames it gives a clip: the wav2vec2 family's or Whisper's way
@@ -437,47 +479,67 @@ class SlamASR(nn.Module):
 
     # --- splice: [prefix] [speech] [suffix] [transcript + EOS] -------------------------------------------
 
-    def splice(self, speech_embeds, speech_lengths, labels=None, pad_after_prefix=False):
+    def splice(self, speech_embeds, speech_lengths, labels=None, pad_after_prefix=False, prompt_prefix=None,
+               prompt_suffix=None):
         """Builds the LLM's input around the speech embeddings.
 
         speech_embeds (B, S, d_llm), speech_lengths (B,); labels (B, T) transcript + EOS ids padded with -100,
-        or None to build generation prompts. Returns inputs_embeds (B, L, d_llm), attention_mask (B, L) and
-        targets (B, L): the label of each position, -100 everywhere but transcript + EOS.
-        Right-padded for training. For generation (pad_after_prefix=True) the padding sits between the prefix and
-        the speech, so that every prompt ends at L (where generation goes on) and, as in training, every prefix
-        sits at 0..P-1 (where the cached prefix keys and values go); generate's position ids skip the padding.
+        or None to build generation prompts; prompt_prefix (B, P') and prompt_suffix (B, Q'), each clip's own
+        prompt ids padded with -1 (processor.prompt_rows), or None: the reference prompt's in every row.
+        Right-padded for training. For generation (pad_after_prefix=True) the padding sits after the prefix
+        positions all rows share, so that every prompt ends at L (where generation goes on) and, as in
+        training, the shared prefix sits at 0..shared-1 (where the cached prefix keys and values go); generate's
+        position ids skip the padding.
         """
         B, device = speech_embeds.shape[0], speech_embeds.device
-        P, Q = len(self.prefix_ids), len(self.suffix_ids)
+        if prompt_prefix is None:  # every row the reference prompt
+            shared = len(self.prefix_ids)
+            prompt_prefix, prompt_suffix = self.prefix_ids.expand(B, -1), self.suffix_ids.expand(B, -1)
+        else:
+            shared = self.shared_prefix_length(prompt_prefix)
+        prefix_lengths, suffix_lengths = (prompt_prefix >= 0).sum(1), (prompt_suffix >= 0).sum(1)  # (B,)
         if labels is None:
             labels = torch.full((B, 0), -100, dtype=torch.long, device=device)
         target_lengths = (labels != -100).sum(dim=1)
-        lengths = P + speech_lengths + Q + target_lengths  # (B,)
+        lengths = prefix_lengths + speech_lengths + suffix_lengths + target_lengths  # (B,)
         L = int(lengths.max())
         pos = torch.arange(L, device=device).expand(B, L)  # (B, L) position within each sequence
-        if pad_after_prefix:  # past the prefix, each row's L - length padding positions come first: -1
+        if pad_after_prefix:  # past the shared prefix, each row's L - length padding positions come first: -1
             shifted = pos - (L - lengths)[:, None]
-            pos = torch.where(pos < P, pos, torch.where(shifted < P, -1, shifted))
-        after = pos - (P + speech_lengths)[:, None]  # position within the suffix + transcript tail
+            pos = torch.where(pos < shared, pos, torch.where(shifted < shared, -1, shifted))
+        after = pos - (prefix_lengths + speech_lengths)[:, None]  # position within the suffix + transcript tail
 
-        # token ids at every text position (speech positions are overwritten below)
-        tail = torch.cat([self.suffix_ids.expand(B, Q), labels.masked_fill(labels == -100, self.pad_id)], dim=1)
-        ids = torch.where(
-            (after >= 0) & (after < Q + target_lengths[:, None]),
-            tail.gather(1, after.clamp(0, tail.shape[1] - 1)),
-            self.prefix_ids[pos.clamp(0, P - 1)] if P else torch.full_like(pos, self.pad_id),
-        )
+        # token ids at every text position (speech positions are overwritten below): the row's prefix, then its
+        # suffix, then its transcript
+        def at(ids, index):  # ids (B, n) at index (B, L), clamped into range (positions outside are replaced)
+            return ids.gather(1, index.clamp(0, max(ids.shape[1] - 1, 0))) if ids.shape[1] else torch.zeros_like(index)
+
+        text = labels.masked_fill(labels == -100, self.pad_id)
+        ids = torch.where(pos < prefix_lengths[:, None], at(prompt_prefix, pos),
+                          torch.where(after < suffix_lengths[:, None], at(prompt_suffix, after),
+                                      at(text, after - suffix_lengths[:, None])))
         ids = ids.masked_fill((pos < 0) | (pos >= lengths[:, None]), self.pad_id)
         inputs_embeds = self.llm.get_input_embeddings()(ids)  # (B, L, d_llm)
 
-        is_speech = (pos >= P) & (after < 0)  # (B, L)
+        is_speech = (pos >= prefix_lengths[:, None]) & (after < 0)  # (B, L)
         speech_valid = torch.arange(speech_embeds.shape[1], device=device)[None] < speech_lengths[:, None]
         inputs_embeds = inputs_embeds.masked_scatter(
             is_speech[..., None], speech_embeds[speech_valid].to(inputs_embeds.dtype)  # (sum S, d_llm)
         )
         attention_mask = ((pos >= 0) & (pos < lengths[:, None])).long()
-        targets = torch.where((after >= Q) & (after < Q + target_lengths[:, None]), ids, -100)
-        return inputs_embeds, attention_mask, targets
+        is_target = (after >= suffix_lengths[:, None]) & (after < (suffix_lengths + target_lengths)[:, None])
+        return Spliced(inputs_embeds, attention_mask, torch.where(is_target, ids, -100), shared,
+                       prefix_lengths + suffix_lengths)
+
+    def shared_prefix_length(self, prompt_prefix):
+        """How many leading ids every row of prompt_prefix (B, P') shares with the reference prefix: the
+        positions whose keys and values the prefix cache holds (a causal LLM's first n positions depend on the
+        first n ids alone)."""
+        n = min(len(self.prefix_ids), prompt_prefix.shape[1])
+        if n == 0:
+            return 0
+        same = (prompt_prefix[:, :n] == self.prefix_ids[:n]).long().cumprod(dim=1).sum(dim=1)  # (B,)
+        return int(same.min())
 
     # --- the prompt prefix's keys and values, computed once ------------------------------------------------
 
@@ -496,13 +558,13 @@ class SlamASR(nn.Module):
                 self.llm.config._attn_implementation)
 
     @torch.compiler.disable  # bookkeeping in Python (weak references, storage addresses) that dynamo cannot trace
-    def prefix_cache(self, rows):
-        """A new DynamicCache holding the prompt prefix's keys and values for `rows` sequences (each (rows,
-        kv_heads, P, head_dim) per layer), or None where the prefix is not cached (cache_prefix off, or no
-        prefix). Computed once (no grad, under the caller's autocast) and again only when _prefix_key() changes;
-        a forward appends to the cache it is given, so each call gets its own, and the stored tensors never
-        change."""
-        if not self.cache_prefix or not len(self.prefix_ids):
+    def prefix_cache(self, rows, length):
+        """A new DynamicCache holding the keys and values of the reference prompt's first `length` prefix
+        positions for `rows` sequences (each (rows, kv_heads, length, head_dim) per layer), or None where nothing
+        is cached (cache_prefix off, or length 0). Computed once for the whole prefix (no grad, under the
+        caller's autocast) and again only when _prefix_key() changes; a forward appends to the cache it is given,
+        so each call gets its own, and the stored tensors never change."""
+        if not self.cache_prefix or length == 0:
             return None
         key = self._prefix_key()
         if self._prefix is None or self._prefix[0] != key:
@@ -511,34 +573,37 @@ class SlamASR(nn.Module):
                 embeds = self.llm.get_input_embeddings()(self.prefix_ids[None])  # (1, P, d_llm)
                 self.llm.get_decoder()(inputs_embeds=embeds, use_cache=True, **{self.cache_argument: cache})
             self._prefix = key, tuple(cache)  # per layer: keys, values (1, kv_heads, P, head_dim), sliding window
-        return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), *rest)
-                             for k, v, *rest in self._prefix[1]], config=self.llm.config)
+        return DynamicCache([(k[:, :, :length].expand(rows, -1, -1, -1), v[:, :, :length].expand(rows, -1, -1, -1),
+                              *rest) for k, v, *rest in self._prefix[1]], config=self.llm.config)
 
     # --- loss ----------------------------------------------------------------------------------------------
 
     def forward(self, input_values=None, audio_lengths=None, labels=None, encoder_frames=None, frame_lengths=None,
-                input_features=None):
+                input_features=None, prompt_prefix=None, prompt_suffix=None):
         """Mean token loss over transcript + EOS. Takes the processor's audio (input_values, or Whisper's
-        input_features, with audio_lengths) or cached encoder output (encoder_frames, frame_lengths), and labels
-        as made by `SlamASRProcessor.labels`."""
+        input_features, with audio_lengths) or cached encoder output (encoder_frames, frame_lengths), labels
+        as made by `SlamASRProcessor.labels`, and each clip's prompt ids where the batch has them (prompt_rows)."""
         encoded = encoder_frames is None
         if encoded:
             encoder_frames, frame_lengths = self.encode(_audio_batch(input_values, input_features), audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
-        inputs_embeds, attention_mask, targets = self.splice(speech_embeds, speech_lengths, labels)
-        B, L = attention_mask.shape
-        P = len(self.prefix_ids)
-        prefix = self.prefix_cache(B)
+        spliced = self.splice(speech_embeds, speech_lengths, labels, prompt_prefix=prompt_prefix,
+                              prompt_suffix=prompt_suffix)
+        (B, L), P = spliced.attention_mask.shape, spliced.shared
+        prefix = self.prefix_cache(B, P)
         if prefix is None:
-            out = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+            out = self.llm.get_decoder()(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask)
+            targets = spliced.targets
         else:
-            # Right padding puts every row's prefix at 0..P-1, where the cache holds it: the LLM runs on the rest
-            # (speech, suffix, transcript), whose queries attend to the cached prefix keys and values; the mask
-            # covers prefix + rest, positions go on from P. No prefix position has a target: none is lost.
-            out = self.llm.get_decoder()(inputs_embeds=inputs_embeds[:, P:], attention_mask=attention_mask,
-                                         position_ids=torch.arange(P, L, device=attention_mask.device)[None],
+            # Right padding puts the prefix every row shares at 0..P-1, where the cache holds it: the LLM runs on
+            # the rest (the row's own prompt, speech, suffix, transcript), whose queries attend to the cached
+            # prefix keys and values; the mask covers prefix + rest, positions go on from P. No prefix position
+            # has a target: none is lost.
+            out = self.llm.get_decoder()(inputs_embeds=spliced.inputs_embeds[:, P:],
+                                         attention_mask=spliced.attention_mask,
+                                         position_ids=torch.arange(P, L, device=spliced.attention_mask.device)[None],
                                          **{self.cache_argument: prefix})
-            targets = targets[:, P:]  # (B, L-P), as the hidden states
+            targets = spliced.targets[:, P:]  # (B, L-P), as the hidden states
         hidden = out.last_hidden_state  # (B, L', d_llm): L' = L, or L - P after the cached prefix
         next_targets = targets[:, 1:]  # position t predicts token t+1
         lm_head = self.llm.get_output_embeddings()
@@ -552,10 +617,11 @@ class SlamASR(nn.Module):
             logits = lm_head(hidden[:, :-1])  # (B, L'-1, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), next_targets.flatten(), ignore_index=-100)
         device = labels.device
-        through_llm = len(self.suffix_ids) + (P if prefix is None else 0)  # prompt tokens per clip the LLM ran on
+        # prompt tokens the LLM ran on, all clips: each row's own, less the cached prefix
+        through_llm = spliced.prompt_lengths.sum() - (0 if prefix is None else B * P)
         return SlamASROutput(
             loss=loss, num_tokens=(next_targets != -100).sum(), speech_tokens=speech_lengths.sum(),
-            prompt_tokens=torch.tensor(B * through_llm, device=device),
+            prompt_tokens=through_llm.to(device),
             audio_seconds=(audio_lengths.sum().double() / self.sampling_rate if encoded
                            else torch.zeros((), device=device)),
             encoded_clips=torch.tensor(B if encoded else 0, device=device))
@@ -584,35 +650,40 @@ class SlamASR(nn.Module):
             self.generation_config, self.decoding_bounds = saved
 
     @torch.no_grad()
-    def transcribe(self, audios, batch_size=8, chunk_seconds=30.0, **decoding):
+    def transcribe(self, audios, batch_size=8, chunk_seconds=30.0, languages=None, **decoding):
         """Transcribes 1-D float arrays (or tensors) at the encoder's rate, batched by length, in input order; one
-        longer than `chunk_seconds` is cut into windows at quiet points (inference.py). Decodes with the model's
-        generation_config and decoding_bounds, changed for this call by `decoding` (as set_decoding takes it)."""
+        longer than `chunk_seconds` is cut into windows at quiet points (inference.py). `languages`, one per clip
+        (None: the model's language), fill the prompt's language slot. Decodes with the model's generation_config
+        and decoding_bounds, changed for this call by `decoding` (as set_decoding takes it)."""
         clips = []
-        for i, audio in enumerate(audios):
+        audios = list(audios)
+        for i, (audio, language) in enumerate(zip(audios, languages or [None] * len(audios), strict=True)):
             audio = checked_clip(audio, f"audios[{i}]", self.sampling_rate)
-            clips.append(inference.Clip(len(audio) / self.sampling_rate, lambda audio=audio: audio))
+            clips.append(inference.Clip(len(audio) / self.sampling_rate, lambda audio=audio: audio, language=language))
         with self.decoding(**decoding):
             results = inference.transcribe(self, clips, batch_size, chunk_seconds, disable_progress=True)
         return [r.text for r in results]
 
     @torch.no_grad()
     def generate(self, input_values=None, audio_lengths=None, encoder_frames=None, frame_lengths=None,
-                 input_features=None):
-        """One padded batch (the processor's audio, or cached encoder frames) -> list of transcripts, decoded with
-        `generation_config` and `decoding_bounds`; stops at EOS, uses the KV cache (starting from the cached prompt
-        prefix), prompts padded between prefix and speech. A clip of digital silence gives ""."""
+                 input_features=None, prompt_prefix=None, prompt_suffix=None):
+        """One padded batch (the processor's audio, or cached encoder frames, and each clip's prompt ids where the
+        batch has them) -> list of transcripts, decoded with `generation_config` and `decoding_bounds`; stops at
+        EOS, uses the KV cache (starting from the cached prompt prefix), prompts padded after the prefix all
+        rows share. A clip of digital silence gives ""."""
         features = _audio_batch(input_values, input_features)
         if encoder_frames is None:
             encoder_frames, frame_lengths = self.encode(features, audio_lengths)
         speech_embeds, speech_lengths = self.adapt(encoder_frames, frame_lengths)
-        inputs_embeds, attention_mask, _ = self.splice(speech_embeds, speech_lengths, pad_after_prefix=True)
+        spliced = self.splice(speech_embeds, speech_lengths, pad_after_prefix=True, prompt_prefix=prompt_prefix,
+                              prompt_suffix=prompt_suffix)
+        inputs_embeds, attention_mask = spliced.inputs_embeds, spliced.attention_mask
         seconds = frame_lengths.float() / self.frame_rate  # (B,)
         config = self.generation_config
         bound = self.decoding_bounds.logits_processor(seconds.repeat_interleave(config.num_beams), config.eos_token_id)
         # With a cache of the first P positions, generate runs its prefill on inputs_embeds[:, P:] only. It expands
         # the inputs, not a cache it is given, to num_beams rows per clip: the cache comes with them already.
-        prefix = self.prefix_cache(len(inputs_embeds) * config.num_beams)
+        prefix = self.prefix_cache(len(inputs_embeds) * config.num_beams, spliced.shared)
         cached = {} if prefix is None else {self.cache_argument: prefix}
         out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config,
                                 logits_processor=LogitsProcessorList([bound]), **cached)
@@ -649,8 +720,9 @@ class SlamASR(nn.Module):
         """Rebuilds a SlamASR from an adapter directory or hub repo id: the backbones named in its config
         unless given (in `torch_dtype`, with `attn_implementation`: see backbones.load_backbones), the prompt ids
         and decoding options saved with it, and the adapter loaded strictly (every tensor present, no extra,
-        same shapes, finite). `language` replaces the one it was trained with: its template's language slot is
-        filled with it (prompt ids then computed by the tokenizer), and scores follow it."""
+        same shapes, finite). `language` replaces the one it was trained with for clips that name none: its
+        template's language slot is filled with it (with the ids saved for that language where it was trained on,
+        the tokenizer's otherwise), and scores follow it."""
         name, directory = directory, resolve_adapter_dir(directory, revision)
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
@@ -674,14 +746,16 @@ class SlamASR(nn.Module):
                              "use an earlier checkpoint")
         trained_prompt = config.rendered_prompt()
         if language is not None and language != config.language:
-            config = replace(config, language=language)
             if LANGUAGE_SLOT not in config.prompt_template:
                 logger.warning(f"{name}'s prompt names no language ({config.prompt_template!r}): --language "
                                f"{language} changes how transcripts are scored, not what the LLM is asked")
-        prompt_ids = SlamASRProcessor.read_prompt_ids(directory, trained_prompt)
-        if config.rendered_prompt() != trained_prompt:
-            prompt_ids = None  # the saved ids are the trained language's; the tokenizer makes the new one's
-        elif prompt_ids is None:
+            languages = config.languages
+            if languages and language not in languages:
+                logger.warning(f"{name} was trained on {', '.join(languages)}, not {language}: a prompt it never saw")
+                languages = [*languages, language]
+            config = replace(config, language=language, languages=languages)
+        saved_prompt_ids = SlamASRProcessor.read_prompt_ids(directory, trained_prompt)
+        if saved_prompt_ids is None:
             logger.warning(f"{directory} has no {PROMPT_IDS_NAME} (saved by an older version): the prompt's ids "
                            "are computed from the template by this tokenizer")
 
@@ -691,7 +765,7 @@ class SlamASR(nn.Module):
                 given if given is not None else default
                 for given, default in zip((encoder, llm, tokenizer, feature_extractor), loaded)
             )
-        model = cls(config, encoder, llm, tokenizer, feature_extractor, prompt_ids)
+        model = cls(config, encoder, llm, tokenizer, feature_extractor, saved_prompt_ids)
         expected = model.adapter.state_dict()
         problems = [f"missing {k}" for k in sorted(set(expected) - set(weights))]
         problems += [f"unexpected {k}" for k in sorted(set(weights) - set(expected))]

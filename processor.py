@@ -12,11 +12,16 @@ rendered conversation. Tokenized alone, "he hoped" starts with SentencePiece's "
 
 The prompt's ids are saved with the adapter (prompt_ids.json) and used again at inference, so a tokenizer
 that splits the template differently in a later library version cannot change what a trained adapter sees.
+
+A template may name the clip's language (LANGUAGE_SLOT): each language then has its own prompt (`Prompt`), made
+once per language and processor; a batch whose clips speak other languages than the reference one carries each
+clip's prompt ids (prompt_prefix, prompt_suffix), which the model splices in row by row.
 """
 
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +36,25 @@ USER_PROMPT_IN_LANGUAGE = f"Transcribe this audio in {LANGUAGE_SLOT}:\n{SPEECH_P
 # Transcript beginnings used to find how much of the suffix tokenizes the same whatever follows it: a suffix
 # ending in a space ("ASSISTANT: ") loses its last token to the transcript's first word ("▁he").
 _PROBE_STARTS = ("a", "the", "I", "1", "hello", "'tis")
+
+
+def language_problem(language):
+    """Why `language` cannot name a language in a prompt, or None: a language is a name or code, e.g. French, fr."""
+    if not isinstance(language, str) or not language.strip():
+        return f"a language is a non-empty name or code (e.g. French, fr), not {language!r}"
+    if SPEECH_PLACEHOLDER in language or LANGUAGE_SLOT in language or "\n" in language:
+        return f"a language is a name or code (e.g. French, fr), not a piece of a template: {language!r}"
+    return None
+
+
+def render_prompt(template, language):
+    """The prompt the LLM reads for a clip in `language`: the template with its language slot filled."""
+    if LANGUAGE_SLOT not in template:
+        return template
+    if language is None:
+        raise ValueError(f"the prompt names the clip's language ({template!r}) and this clip has none: give each clip "
+                         'its language ("language" in a manifest, --language_column) or pass --language for all')
+    return template.replace(LANGUAGE_SLOT, language.strip())
 
 
 def write_text_atomic(path, text):
@@ -48,11 +72,11 @@ def write_text_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def chat_prompt_template(tokenizer, language=None):
+def chat_prompt_template(tokenizer, names_language=False):
     """The prompt template as the LLM tokenizer's own chat template renders a system turn and a user turn holding
     the speech, generation prompt on: each chat LLM gets its own format (TinyLlama's is DEFAULT_PROMPT_TEMPLATE
-    in model.py). With a `language`, the user turn names it through LANGUAGE_SLOT, kept in the template (the
-    saved template is one for every language: transcribe.py --language fills in another)."""
+    in model.py). `names_language`: the user turn names the clip's language through LANGUAGE_SLOT, kept in the
+    template (one saved template for every language: each clip's, or transcribe.py --language, fills it in)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the LLM's tokenizer ({getattr(tokenizer, 'name_or_path', '')!r}) has no chat template "
                          f"(not a chat model?): pass --prompt_template with one {SPEECH_PLACEHOLDER}")
@@ -60,7 +84,7 @@ def chat_prompt_template(tokenizer, language=None):
 
     source = f"the chat template of the LLM {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'} (its " \
              "chat_template.jinja or tokenizer_config.json)"
-    user = USER_PROMPT if language is None else USER_PROMPT_IN_LANGUAGE
+    user = USER_PROMPT_IN_LANGUAGE if names_language else USER_PROMPT
     turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -85,11 +109,32 @@ def _common_prefix(a, b):
     return a[:n]
 
 
-class SlamASRProcessor:
-    """Feature extractor + tokenizer + prompt template. `prompt_ids` ({"prefix": [...], "suffix": [...]}, as
-    saved with an adapter) replaces the ids computed from the template, with a warning where they differ."""
+@dataclass(frozen=True)
+class Prompt:
+    """One rendered prompt: its text either side of the speech and the ids the LLM reads there (`prefix`,
+    `suffix`: the saved ones where an adapter has them). `tokenizer_suffix` is what this tokenizer makes of the
+    suffix text, the ids transcripts are tokenized after (transcript_ids)."""
 
-    def __init__(self, feature_extractor, tokenizer, prompt_template, prompt_ids=None):
+    text: str
+    prefix_text: str
+    suffix_text: str
+    prefix: list
+    suffix: list
+    tokenizer_suffix: list
+
+    @property
+    def ids(self):
+        return {"prefix": self.prefix, "suffix": self.suffix}
+
+
+class SlamASRProcessor:
+    """Feature extractor + tokenizer + prompt template. The template may hold LANGUAGE_SLOT: `language` fills it
+    for clips that name none, `languages` are the languages an adapter is trained for (saved with it). The
+    reference prompt (`prompt_ids`, what the model's prefix cache holds) is `language`'s, else the first of
+    `languages`'. `saved_ids` ({rendered prompt: {"prefix": [...], "suffix": [...]}}, as saved with an adapter)
+    replace the ids this tokenizer makes of those prompts, with a warning where they differ."""
+
+    def __init__(self, feature_extractor, tokenizer, prompt_template, saved_ids=None, language=None, languages=None):
         self.feature_extractor = feature_extractor
         # the audio's key in the batch, the feature extractor's own name for it: "input_values" (the wav2vec2
         # family's waveform) or "input_features" (Whisper's log-mel)
@@ -99,68 +144,89 @@ class SlamASRProcessor:
         self.max_samples = getattr(feature_extractor, "n_samples", None)
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
-        self.prefix_text, self.suffix_text = prompt_template.split(SPEECH_PLACEHOLDER)
+        self.language, self.languages = language, tuple(languages or ())
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # a transcript holding one of these would put, e.g., an EOS target in the middle of the sentence
         self.special_tokens = sorted({t for t in tokenizer.all_special_tokens if t})
-
-        computed = self.tokenize_prompt()
-        self.tokenizer_suffix_ids = computed["suffix"]  # what transcripts are tokenized after, in transcript_ids
-        if prompt_ids is not None and prompt_ids != computed:
-            logger.warning(
-                "this tokenizer turns the prompt template into other ids than the ones saved with the adapter "
-                f"(saved {prompt_ids}, now {computed}); using the saved ones, which the adapter was trained with")
-        self.prompt_ids = prompt_ids if prompt_ids is not None else computed
-        if self.prefix_text.endswith((" ", "\t")):
+        self.saved_ids = dict(saved_ids or {})
+        self._prompts = {}  # rendered text -> Prompt, made on first use
+        self.reference = self.prompt(language if language is not None or not self.languages else self.languages[0])
+        if self.reference.prefix_text.endswith((" ", "\t")):
             logger.warning(f"prompt_template has whitespace right before {SPEECH_PLACEHOLDER}: most tokenizers "
-                           f"make it a token of its own in front of the speech (ids {self.prompt_ids['prefix'][-2:]}"
+                           f"make it a token of its own in front of the speech (ids {self.reference.prefix[-2:]}"
                            "); end that text with a newline, or with no space, instead")
 
     @property
+    def prompt_ids(self):
+        """{"prefix": ids, "suffix": ids} of the reference prompt."""
+        return self.reference.ids
+
+    @property
     def prefix_ids(self):
-        return self.prompt_ids["prefix"]
+        return self.reference.prefix
 
     @property
     def suffix_ids(self):
-        return self.prompt_ids["suffix"]
+        return self.reference.suffix
 
     # --- text ------------------------------------------------------------------------------------------------
 
-    def tokenize_prompt(self):
-        """{"prefix": ids, "suffix": ids} of the template, as this tokenizer makes them."""
+    def prompt(self, language=None):
+        """The Prompt of a clip in `language` (None: the processor's `language`), made once per processor."""
+        text = render_prompt(self.prompt_template, self.language if language is None else language)
+        if text not in self._prompts:
+            prefix_text, suffix_text = text.split(SPEECH_PLACEHOLDER)
+            computed = self.tokenize_prompt(prefix_text, suffix_text)
+            saved = self.saved_ids.get(text)
+            if saved is not None and saved != computed:
+                logger.warning(
+                    f"this tokenizer turns the prompt {text!r} into other ids than the ones saved with the adapter "
+                    f"(saved {saved}, now {computed}); using the saved ones, which the adapter was trained with")
+            ids = saved if saved is not None else computed
+            self._prompts[text] = Prompt(text, prefix_text, suffix_text, list(ids["prefix"]), list(ids["suffix"]),
+                                         computed["suffix"])
+        return self._prompts[text]
+
+    def tokenize_prompt(self, prefix_text=None, suffix_text=None):
+        """{"prefix": ids, "suffix": ids} of the text either side of the speech (the reference prompt's by
+        default), as this tokenizer makes them."""
         tok = self.tokenizer
-        plain = tok(self.prefix_text, add_special_tokens=False)["input_ids"]
-        prefix = tok(self.prefix_text)["input_ids"]  # the tokenizer's own rule for the start of a text (BOS)
+        prefix_text = self.reference.prefix_text if prefix_text is None else prefix_text
+        suffix_text = self.reference.suffix_text if suffix_text is None else suffix_text
+        plain = tok(prefix_text, add_special_tokens=False)["input_ids"]
+        prefix = tok(prefix_text)["input_ids"]  # the tokenizer's own rule for the start of a text (BOS)
         if prefix and prefix[-1] == self.eos_id and (not plain or plain[-1] != self.eos_id):
             prefix = prefix[:-1]  # tokenizers set to append EOS to every text: not in the middle of a prompt
-        suffix = tok(self.suffix_text, add_special_tokens=False)["input_ids"]
+        suffix = tok(suffix_text, add_special_tokens=False)["input_ids"]
         for start in _PROBE_STARTS:
-            suffix = _common_prefix(suffix, tok(self.suffix_text + start, add_special_tokens=False)["input_ids"])
+            suffix = _common_prefix(suffix, tok(suffix_text + start, add_special_tokens=False)["input_ids"])
         return {"prefix": list(prefix), "suffix": list(suffix)}
 
     def special_token_in(self, text):
         """The first of the LLM's special tokens written out in `text`, or None."""
         return next((t for t in self.special_tokens if t in text), None)
 
-    def transcript_ids(self, text):
-        """The ids of `text` as the LLM reads it right after the prompt (EOS not included)."""
+    def transcript_ids(self, text, language=None):
+        """The ids of `text` as the LLM reads it right after the prompt of `language` (EOS not included)."""
         special = self.special_token_in(text)
         if special is not None:
             raise ValueError(f"transcript {text!r} contains the LLM's special token {special!r}, which would be "
                              "trained as that token (an EOS mid-sentence, say); remove it from the data")
-        suffix = self.tokenizer_suffix_ids
-        joint = self.tokenizer(self.suffix_text + text, add_special_tokens=False)["input_ids"]
+        prompt = self.prompt(language)
+        suffix = prompt.tokenizer_suffix
+        joint = self.tokenizer(prompt.suffix_text + text, add_special_tokens=False)["input_ids"]
         if joint[:len(suffix)] != suffix:
             raise ValueError(f"transcript {text!r} changes how the end of the prompt template tokenizes "
                              f"({joint[:len(suffix)]} instead of {suffix}); end the template with a newline")
         return joint[len(suffix):]
 
-    def labels(self, texts, max_target_tokens=None):
-        """Transcripts -> (labels (B, T): transcript ids + EOS, padded with -100; number truncated)."""
+    def labels(self, texts, max_target_tokens=None, languages=None):
+        """Transcripts (in `languages`, one per text; None: the processor's) -> (labels (B, T): transcript ids +
+        EOS, padded with -100; number truncated)."""
         rows, truncated = [], 0
-        for text in texts:
-            ids = self.transcript_ids(text)
+        for text, language in zip(texts, languages or [None] * len(texts), strict=True):
+            ids = self.transcript_ids(text, language)
             if max_target_tokens is not None and len(ids) + 1 > max_target_tokens:
                 ids, truncated = ids[: max_target_tokens - 1], truncated + 1
             rows.append(ids + [self.eos_id])  # the EOS is a target: without it the model never learns to stop
@@ -168,6 +234,21 @@ class SlamASRProcessor:
         for i, row in enumerate(rows):
             labels[i, : len(row)] = torch.tensor(row)
         return labels, truncated
+
+    def prompt_rows(self, languages):
+        """Each clip's prompt ids where some clip's prompt is not the reference one: {"prompt_prefix": (B, P'),
+        "prompt_suffix": (B, Q')}, each row its prompt's ids padded with -1; {} where every clip's is the
+        reference (the model's own buffers then serve every row)."""
+        prompts = [self.prompt(language) for language in languages]
+        if all(p is self.reference for p in prompts):
+            return {}
+        rows = {}
+        for key, side in (("prompt_prefix", "prefix"), ("prompt_suffix", "suffix")):
+            ids = [getattr(p, side) for p in prompts]
+            rows[key] = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
+            for i, row in enumerate(ids):
+                rows[key][i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return rows
 
     # --- audio -----------------------------------------------------------------------------------------------
 
@@ -197,43 +278,57 @@ class SlamASRProcessor:
 
     # --- the batch -------------------------------------------------------------------------------------------
 
-    def __call__(self, audios=None, texts=None, max_target_tokens=None):
-        """Clips and/or transcripts -> a BatchFeature of input_values (B, N) (or Whisper's input_features),
-        audio_lengths (B,) and labels (B, T): what SlamASR.forward and .generate take."""
+    def __call__(self, audios=None, texts=None, max_target_tokens=None, languages=None):
+        """Clips and/or transcripts (and each clip's language; None: the processor's) -> a BatchFeature of
+        input_values (B, N) (or Whisper's input_features), audio_lengths (B,), labels (B, T), and the clips' own
+        prompt ids where they differ from the reference prompt (prompt_rows): what SlamASR.forward and .generate
+        take."""
         from transformers import BatchFeature
 
         batch = {}
         if audios is not None:
             batch[self.input_name], batch["audio_lengths"] = self.audio(audios)
         if texts is not None:
-            batch["labels"], _ = self.labels(texts, max_target_tokens)
+            batch["labels"], _ = self.labels(texts, max_target_tokens, languages)
+        if languages is not None:
+            batch.update(self.prompt_rows(languages))
         return BatchFeature(batch)
 
     # --- save / load -----------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory):
-        """Writes prompt_ids.json: the template, its ids, and what made them."""
+        """Writes prompt_ids.json: the reference prompt and its ids, each trained language's, and what made them."""
         import transformers
 
-        record = {"prompt_template": self.prompt_template, **self.prompt_ids,
-                  "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
-                  "transformers_version": transformers.__version__}
+        record = {"prompt_template": self.reference.text, **self.prompt_ids}
+        if self.languages:
+            record["languages"] = {language: {"prompt": p.text, **p.ids}
+                                   for language, p in ((lang, self.prompt(lang)) for lang in self.languages)}
+        record.update(tokenizer=getattr(self.tokenizer, "name_or_path", ""),
+                      transformers_version=transformers.__version__)
         write_text_atomic(os.path.join(directory, PROMPT_IDS_NAME), json.dumps(record, indent=2) + "\n")
 
     @staticmethod
     def read_prompt_ids(directory, prompt_template):
-        """The ids saved in `directory` for `prompt_template`, or None where none were saved."""
+        """The ids saved in `directory` with the reference prompt `prompt_template`, as SlamASRProcessor's
+        saved_ids take them ({rendered prompt: ids}, each trained language's too), or None where none were
+        saved."""
         path = os.path.join(directory, PROMPT_IDS_NAME)
         if not os.path.isfile(path):
             return None
+
+        def ids(entry):
+            return {"prefix": [int(i) for i in entry["prefix"]], "suffix": [int(i) for i in entry["suffix"]]}
+
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            ids = {"prefix": [int(i) for i in record["prefix"]], "suffix": [int(i) for i in record["suffix"]]}
-        except (ValueError, KeyError, TypeError) as e:
+            saved = {record["prompt_template"]: ids(record)}
+            saved.update({entry["prompt"]: ids(entry) for entry in record.get("languages", {}).values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a valid prompt id file ({e!r}); delete it to recompute the ids from "
                              "the template") from None
         if record.get("prompt_template") != prompt_template:
             raise ValueError(f"{path} holds the ids of another prompt template ({record.get('prompt_template')!r}) "
                              f"than the adapter's config ({prompt_template!r})")
-        return ids
+        return saved

@@ -72,16 +72,23 @@ def score_rule(normalizer="auto", language=None):
 def word_error_rate(references, hypotheses, normalizer="auto", language=None):
     """Corpus WER (CER for languages in CHARACTER_LANGUAGES) after the normalizer score_rule picks: {wer,
     substitutions, deletions, insertions, words, normalizer, unit}; `words` counts characters where the unit is
-    the character, and `wer` holds the CER then (one key, so that every consumer reads the same field)."""
+    the character, and `wer` holds the CER then (one key, so that every consumer reads the same field).
+    `language` is one for every clip, or a list of each clip's: each is then normalized and cut into words or
+    characters by its own language's rule, and the errors of all are counted together (`unit` "mixed" where
+    both kinds are in it; `normalizer` names each used)."""
     import jiwer
 
-    normalizer, unit = score_rule(normalizer, language)
-    normalize = WER_NORMALIZERS[normalizer]()
-    refs = [" ".join(normalize(r).split()) for r in references]
-    hyps = [" ".join(normalize(h).split()) for h in hypotheses]
-    if unit == "character":  # spaces are not part of these scripts: each character is a token
-        refs = [" ".join(r.replace(" ", "")) for r in refs]
-        hyps = [" ".join(h.replace(" ", "")) for h in hyps]
+    languages = list(language) if isinstance(language, (list, tuple)) else [language] * len(references)
+    rules = [score_rule(normalizer, lang) for lang in languages]
+    normalizers = {name: WER_NORMALIZERS[name]() for name in sorted({name for name, _ in rules})}
+
+    def tokens(text, rule):
+        name, unit = rule
+        text = " ".join(normalizers[name](text).split())
+        return " ".join(text.replace(" ", "")) if unit == "character" else text  # no spaces in these scripts
+
+    refs = [tokens(r, rule) for r, rule in zip(references, rules, strict=True)]
+    hyps = [tokens(h, rule) for h, rule in zip(hypotheses, rules, strict=True)]
     # jiwer refuses empty references; every word hypothesized for one is an insertion
     insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
     pairs = [(r, h) for r, h in zip(refs, hyps) if r]
@@ -94,13 +101,27 @@ def word_error_rate(references, hypotheses, normalizer="auto", language=None):
         counts["words"] = out.hits + out.substitutions + out.deletions
     errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
     counts["wer"] = errors / max(counts["words"], 1)
-    counts["normalizer"], counts["unit"] = normalizer, unit
+    units = {unit for _, unit in rules} or {score_rule(normalizer, None)[1]}
+    counts["normalizer"] = " + ".join(normalizers) or score_rule(normalizer, None)[0]
+    counts["unit"] = units.pop() if len(units) == 1 else "mixed"
     return counts
+
+
+def scores_by_language(references, hypotheses, languages, normalizer="auto"):
+    """{language: word_error_rate of its clips}, for a corpus whose clips speak several languages."""
+    groups = {}
+    for ref, hyp, language in zip(references, hypotheses, languages, strict=True):
+        group = groups.setdefault(language, ([], []))
+        group[0].append(ref)
+        group[1].append(hyp)
+    return {language: word_error_rate(refs, hyps, normalizer, language)
+            for language, (refs, hyps) in sorted(groups.items(), key=lambda item: str(item[0]))}
 
 
 def wer_line(scores, decoding=None):
     """The one way a WER (or CER) is reported: the figure, the counts, and what made it (decoding, normalizer)."""
     how = ", ".join(filter(None, [decoding, f"{scores['normalizer']} normalizer"]))
-    name, units = ("CER", "characters") if scores.get("unit") == "character" else ("WER", "words")
+    name, units = {"character": ("CER", "characters"), "mixed": ("WER/CER", "words and characters (zh, ja, th)")
+                   }.get(scores.get("unit"), ("WER", "words"))
     return (f"{name} {100 * scores['wer']:.2f}% ({how}): {scores['words']} {units}, {scores['substitutions']} "
             f"substitutions, {scores['deletions']} deletions, {scores['insertions']} insertions")

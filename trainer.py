@@ -30,7 +30,7 @@ from checkpoints import clear_stale_checkpoint, mark_complete, rotate_checkpoint
 from dataset import StreamingSpeechDataset
 from decoding import decoding_name
 from model import SlamASR
-from text import word_error_rate, wer_line
+from text import scores_by_language, wer_line, word_error_rate
 
 logger = logging.getLogger("finetune")
 
@@ -307,14 +307,15 @@ class SlamASRTrainer(Trainer):
             if self.stop.requested(self.args):
                 raise StopDuringEvaluation(self.stop.received)
 
-        clips = [inference.Clip(r.duration, partial(self.wer_dataset.load, r)) for r in records]
+        clips = [inference.Clip(r.duration, partial(self.wer_dataset.load, r), language=r.language) for r in records]
         results = inference.transcribe(model, clips, batch_size, before_batch=before_batch, desc="eval WER",
                                        disable_progress=not self.is_world_process_zero())
         # as many stop checks on every rank (a shorter share ends first), so that all can agree on a stop
         for _ in range(rounds, math.ceil(math.ceil(len(self.wer_dataset.records) / world) / batch_size)):
             before_batch()
         model.train(was_training)
-        rows = [dict(id=r.id, reference=r.text, hypothesis=t.text) for r, t in zip(records, results) if t.error is None]
+        rows = [dict(id=r.id, reference=r.text, hypothesis=t.text, language=r.language or model.config.language)
+                for r, t in zip(records, results) if t.error is None]
         failed = [(r.id, t.error) for r, t in zip(records, results) if t.error is not None]
         rows = gather_object(rows) if world > 1 else rows
         failed = gather_object(failed) if world > 1 else failed
@@ -324,18 +325,24 @@ class SlamASRTrainer(Trainer):
         if not rows:  # NaN, not 0%: no clip was scored (and Trainer's best-model tracking takes NaN)
             logger.warning("eval WER: no clip could be read; WER not measured at this step")
             return {"wer": float("nan"), "wer_unreadable_clips": len(failed), "wer_num_beams": beams}
-        scores = word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows], self.wer_normalizer,
-                                 model.config.language)
+        references, hypotheses, languages = ([r[key] for r in rows] for key in ("reference", "hypothesis", "language"))
+        scores = word_error_rate(references, hypotheses, self.wer_normalizer, languages)
         if self.args.should_save:
             path = os.path.join(self.args.output_dir, f"predictions_step{self.state.global_step}.jsonl")
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
-                for row in sorted(rows, key=lambda r: r["id"]):
-                    f.write(json.dumps(row) + "\n")
+                for row in sorted(rows, key=lambda r: r["id"]):  # a language only where the clip has one
+                    f.write(json.dumps({k: v for k, v in row.items() if k != "language" or v is not None}) + "\n")
         logger.info(f"eval {wer_line(scores, decoding_name(beams))}; {len(rows)} clips")
+        by_language = scores_by_language(references, hypotheses, languages, self.wer_normalizer)
+        if len(by_language) > 1:  # a figure per language too: one language's errors can hide in the total
+            for language, own in by_language.items():
+                logger.info(f"eval {language}: {wer_line(own, decoding_name(beams))}")
         return {"wer": scores["wer"], "wer_substitutions": scores["substitutions"],
                 "wer_deletions": scores["deletions"], "wer_insertions": scores["insertions"],
-                "wer_unreadable_clips": len(failed), "wer_num_beams": beams}
+                "wer_unreadable_clips": len(failed), "wer_num_beams": beams,
+                **({f"wer_{language}": own["wer"] for language, own in by_language.items()}
+                   if len(by_language) > 1 else {})}
 
 
 # The private Trainer methods overridden above, with the parameters they have in the transformers this was

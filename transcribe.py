@@ -38,7 +38,7 @@ from audio import DataError, audio_duration, read_audio
 from backbones import load_backbones
 from decoding import DecodingBounds, decoding_name, with_overrides
 from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
-from processor import write_text_atomic
+from processor import LANGUAGE_SLOT, write_text_atomic
 from text import WER_NORMALIZERS, wer_line, word_error_rate
 
 # what soundfile (libsndfile) decodes, by file name; other files in a folder are counted as skipped
@@ -80,7 +80,8 @@ def parse_args(argv=None):
                         "LibriSpeech figures use), 'basic' (Whisper's multilingual one) or 'simple' (lower case, no "
                         "punctuation)")
     p.add_argument("--language", help="the language to transcribe (e.g. French): fills the adapter's prompt in "
-                   "place of the language it was trained with, and picks the scoring (default: the adapter's)")
+                   "place of the language it was trained with, and picks the scoring (default: the adapter's); a "
+                   "manifest line's own \"language\" comes first")
     p.add_argument("--output", help="JSON-lines output (default: print the lines)")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -88,7 +89,8 @@ def parse_args(argv=None):
                                "repeats; error lines too: delete those to retry them) and append the rest; refused "
                                "where the lines were written with another adapter")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--manifest", help='JSON-lines manifest, {"audio": path, "text": reference (optional)} per line')
+    p.add_argument("--manifest", help='JSON-lines manifest, {"audio": path, "text": reference (optional), '
+                   '"language" (optional)} per line')
     p.add_argument("--librispeech_dir", help="LibriSpeech root; score the split named by --split")
     p.add_argument("--split", default="test-clean", help="LibriSpeech split folder(s), comma-separated")
     p.add_argument("--encoder", help="load the encoder from here instead of the name in the adapter's config")
@@ -255,11 +257,13 @@ def clip(record, sampling_rate, max_duration=None):
         return inference.Clip(error=str(e))
     if max_duration is not None and seconds > max_duration:
         return inference.Clip(error=f"{seconds:.1f} s is longer than --max_duration {max_duration:g} s")
-    return inference.Clip(seconds, partial(read_audio, record.path, sampling_rate))
+    return inference.Clip(seconds, partial(read_audio, record.path, sampling_rate), language=record.language)
 
 
 def output_row(record, transcript, adapter):
     row = {"path": record.path, "adapter": adapter}
+    if record.language is not None:
+        row["language"] = record.language  # the line's own, which its prompt named and its score follows
     row.update({"text": transcript.text} if transcript.error is None else {"error": transcript.error})
     if transcript.cuts:
         row["cuts"] = list(transcript.cuts)  # seconds at which a long input was cut into windows
@@ -277,23 +281,39 @@ def write_in_input_order(path, rows, records):
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def scoring_language(args):
-    """The language scores follow: --language, or the adapter's (None for LibriSpeech's prompt, and without one)."""
+def adapter_config(args):
+    return SlamASRConfig.from_json_file(Path(resolve_adapter_dir(args.adapter, args.adapter_revision)) / CONFIG_NAME)
+
+
+def scoring_language(args, model=None):
+    """The language scores follow where a line names none: --language, or the adapter's (the loaded model's, or
+    where every line was there already (--resume), its saved config's; None for LibriSpeech's prompt)."""
     if args.language or not args.adapter:
         return args.language
-    return SlamASRConfig.from_json_file(Path(resolve_adapter_dir(args.adapter, args.adapter_revision))
-                                        / CONFIG_NAME).language
+    return (model.config if model is not None else adapter_config(args)).language
+
+
+def check_languages(args, records):
+    """Where the adapter's prompt names the language, every input needs one (its manifest line's, --language, or
+    the adapter's own): refused before the model loads, not at the first batch."""
+    config = adapter_config(args)
+    without = [r for r in records if r.language is None]
+    if without and LANGUAGE_SLOT in config.prompt_template and (args.language or config.language) is None:
+        trained = f" (it was trained on {', '.join(config.languages)})" if config.languages else ""
+        raise SystemExit(f"{args.adapter}'s prompt names the clip's language{trained} and {len(without)} inputs name "
+                         f'none (e.g. {without[0].path}): pass --language, or a manifest with "language" per line')
 
 
 def summarize(rows, output, decoded, normalizer, language=None):
-    """The summary line and WER, over every line of the output (resumed ones included); the exit code."""
+    """The summary line and WER, over every line of the output (resumed ones included; each line scored by its
+    own language, or `language`); the exit code."""
     failed = sum("error" in row for row in rows)
     print(f"transcribed {len(rows) - failed} of {len(rows)} inputs; {failed} failed"
           + (f" (see the error lines in {output})" if failed and output else ""), file=sys.stderr)
     scored = [row for row in rows if "reference" in row and "text" in row]
     if scored:
         s = word_error_rate([row["reference"] for row in scored], [row["text"] for row in scored], normalizer,
-                            language)
+                            [row.get("language", language) for row in scored])
         print(f"{wer_line(s, decoded)}; {len(scored)} utterances", file=sys.stderr)
     return 0 if failed < len(rows) else 1
 
@@ -321,7 +341,8 @@ def rescore(path, normalizer, language=None):
         print(f"{path}: no line with a reference and a hypothesis (or text) to score", file=sys.stderr)
         return 1
     s = word_error_rate([r["reference"] for r in scored], [r.get("hypothesis", r.get("text")) for r in scored],
-                        normalizer, language)
+                        normalizer, [r.get("language") if isinstance(r.get("language"), str) else language
+                                     for r in scored])
     print(f"{wer_line(s)}; {len(scored)} utterances of {len(rows)} lines in {path}")
     return 0
 
@@ -343,6 +364,7 @@ def main(argv=None):
               file=sys.stderr)
 
     if todo:
+        check_languages(args, todo)
         model = load_model(args)
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
         def write(index, transcript):
@@ -367,8 +389,8 @@ def main(argv=None):
                 out.close()
     if args.output:
         write_in_input_order(args.output, rows, records)
-    return summarize(rows, args.output, decoding(args, model if todo else None), args.normalizer,
-                     scoring_language(args))
+    model = model if todo else None
+    return summarize(rows, args.output, decoding(args, model), args.normalizer, scoring_language(args, model))
 
 
 if __name__ == "__main__":

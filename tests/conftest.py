@@ -144,16 +144,18 @@ def returns_within(seconds, call, fifo):
     return outcome["value"]
 
 
-def assert_padded_batch_matches_singles(model, audios, texts):
-    """The summed token loss and the adapter's gradients of a padded batch equal those of each clip alone."""
-    def sum_loss_and_grads(a, t):
+def assert_padded_batch_matches_singles(model, audios, texts, languages=None):
+    """The summed token loss and the adapter's gradients of a padded batch equal those of each clip alone (each
+    in its own language, where `languages` names them)."""
+    def sum_loss_and_grads(a, t, lang):
         model.zero_grad()
-        out = model(**model.processor(audios=a, texts=t))
+        out = model(**model.processor(audios=a, texts=t, languages=lang))
         (out.loss * out.num_tokens).backward()  # summed token loss: adds up exactly across clips
         return (out.loss * out.num_tokens).item(), [p.grad.clone() for p in model.adapter.parameters()]
 
-    batch_loss, batch_grads = sum_loss_and_grads(audios, texts)
-    singles = [sum_loss_and_grads([a], [t]) for a, t in zip(audios, texts)]
+    batch_loss, batch_grads = sum_loss_and_grads(audios, texts, languages)
+    singles = [sum_loss_and_grads([a], [t], None if languages is None else [lang])
+               for a, t, lang in zip(audios, texts, languages or [None] * len(audios))]
     assert batch_loss == pytest.approx(sum(s[0] for s in singles), rel=1e-4)
     for i, g in enumerate(batch_grads):
         torch.testing.assert_close(g, sum(s[1][i] for s in singles), rtol=1e-3, atol=1e-5)

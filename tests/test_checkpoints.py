@@ -1,4 +1,5 @@
 """The lock, complete checkpoints, rotation, resume (checkpoints.py)."""
+import contextlib
 import json
 import os
 import shutil
@@ -43,19 +44,27 @@ def killed_at_step(monkeypatch, name, step):
     monkeypatch.setattr(owner, name, killed)
 
 
-def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_frees_it(tmp_path):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def another_run_holding(out):
+    """Another process holding `out` as a run does (checkpoints.hold_output_dir) for the block, then SIGKILLed:
+    no cleanup of its own, the kernel drops the lock."""
     holder = run_script([sys.executable, "-c", "import sys, time\nfrom checkpoints import hold_output_dir\n"
                          "with hold_output_dir(sys.argv[1]):\n"
                          "    print('held', flush=True)\n"
                          "    time.sleep(300)", str(out)])
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_run_into_a_held_output_dir_fails_fast_and_a_killed_holder_frees_it(tmp_path):
+    out = tmp_path / "out"
+    with another_run_holding(out) as holder:
         with pytest.raises(RuntimeError, match=f"{out} is in use by another run \\(pid {holder.pid} on "):
             finetune.main(tiny_args(out, *NO_EVAL, steps=2))
-    finally:
-        holder.kill()  # SIGKILL: no cleanup of its own, the kernel drops the lock
-        holder.wait()
     assert finetune.main(tiny_args(out, *NO_EVAL, steps=2)) == 0
 
 
@@ -170,18 +179,10 @@ def test_refuses_to_mix_runs_and_torn_checkpoints(tmp_path):
 
 def test_the_lock_holds_when_its_file_is_removed(tmp_path):
     out = tmp_path / "out"
-    holder = run_script([sys.executable, "-c", "import sys, time\nfrom checkpoints import hold_output_dir\n"
-                         "with hold_output_dir(sys.argv[1]):\n"
-                         "    print('held', flush=True)\n"
-                         "    time.sleep(300)", str(out)])
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with another_run_holding(out):
         os.remove(out / ".finetune.lock")  # a stray rm, or a cleanup script
         with pytest.raises(RuntimeError, match=f"{out} is in use by another run"):
             finetune.main(tiny_args(out, *NO_EVAL, steps=2))
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(trained, tmp_path, caplog):

@@ -185,3 +185,38 @@ def test_a_missing_column_is_named_with_the_columns_there_are():
     with pytest.raises(ValueError, match=r"has no text column \(none of text, sentence.*its columns are \['audio', "
                                          r"'words'\]; pass --text_column"):
         records_from_hub(layout("plain", hub_rows("dev-clean")).rename_column("text", "words"), DataReport("x"))
+
+
+def test_each_clip_names_its_language_in_a_manifest_or_a_column(tmp_path, clip):
+    sf.write(tmp_path / "a.wav", clip, 16000)
+    lines = [{"audio": "a.wav", "text": "bonjour", "language": " French ", "id": "1"},
+             {"audio": "a.wav", "text": "hallo", "language": "German", "id": "2"},
+             {"audio": "a.wav", "text": "x", "language": 3, "id": "3"},
+             {"audio": "a.wav", "text": "x", "language": "<speech>", "id": "4"},
+             {"audio": "a.wav", "text": "hello", "id": "5"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = DataReport("m")
+    records = read_manifest(tmp_path / "m.jsonl", report)
+    assert [r.language for r in records] == ["French", "German", None]
+    assert report.counts == {'manifest "language" is not a language\'s name or code': 2}
+    # the run's languages: a clip that names none speaks --language; other languages are left out, counted
+    kept = prepare("m", records, report, ClipFilter(language="English", languages=("English", "French")))
+    assert [(r.id, r.language) for r in kept] == [("1", "French"), ("5", "English")]
+    assert report.counts["language 'German' is not one of --languages"] == 1
+    unnamed = DataReport("m")
+    with pytest.raises(DataError, match="no usable clips"):  # no --language: the clip without one is left out
+        prepare("m", records[2:], unnamed, ClipFilter(languages=("English",)))
+    assert unnamed.counts == {"no language (give each clip one, or --language for those without)": 1}
+
+
+def test_a_hub_language_column_names_each_clips_language():
+    rows = hub_rows("test-clean")
+    dataset = layout("fleurs", rows).add_column("language", ["English", "Deutsch"] * (len(rows) // 2)
+                                                 + ["English"] * (len(rows) % 2))
+    report = DataReport("hub")
+    records, hub = records_from_hub(dataset, report, corpus.Columns(language="language"))
+    assert [r.language for r in records][:2] == ["English", "Deutsch"]
+    kept = prepare("hub", records, report, ClipFilter(languages=("Deutsch",)))
+    assert {r.language for r in kept} == {"Deutsch"} and report.counts["language 'English' is not one of --languages"]
+    with pytest.raises(ValueError, match=r"has no language column locale: its columns are .*pass --language_column"):
+        records_from_hub(dataset, report, corpus.Columns(language="locale"))

@@ -235,3 +235,22 @@ def test_two_runs_filling_one_cache_at_once_keep_both_and_a_damaged_cache_is_nam
     index.write_text('{"broken": ')
     with pytest.raises(ValueError, match=f"{index} is damaged .*delete the feature cache"):
         cache_for(model, tmp_path).load_index()
+
+
+def test_a_stream_names_each_clips_language_and_leaves_out_other_languages():
+    rows = hub_rows("dev-clean")
+    assert len(rows) >= 4
+    for i, row in enumerate(rows):
+        row["language"] = ["English", "Deutsch", "Français", "English"][i % 4]
+    stream = hub_dataset(rows).to_iterable_dataset(num_shards=1)
+    kept = list(itertools.islice(StreamingSpeechDataset(
+        stream, shuffle_buffer=0, clip_filter=ClipFilter(languages=("English", "Deutsch")),
+        columns=corpus.Columns(language="language")), 3))
+    assert [s.language for s in kept] == ["English", "Deutsch", "English"]
+    assert kept[2].filtered == {"language 'Français' is not one of --languages": 1}
+    model = make_model(prompt_template="In {language}:\n<speech>\n", languages=["English", "Deutsch"])
+    batch = SpeechCollator(model.processor)(kept)
+    assert batch.stats.filtered == {"language 'Français' is not one of --languages": 1}  # counted by the trainer
+    rows = batch["prompt_prefix"].tolist()  # each clip's own prompt: English is the reference, Deutsch differs
+    assert rows[0] == rows[2] != rows[1]
+    assert [i for i in rows[1] if i >= 0] == model.processor.prompt("Deutsch").prefix

@@ -490,8 +490,18 @@ def test_a_saved_config_of_the_wrong_type_is_refused_by_field(tmp_path):
     (["--librispeech_dir", str(FIXTURE), "--train_split", "train-clean-360"], "train-clean-360 not found"),
     (["--train_manifest", "/nope.jsonl"], "nope.jsonl"),
     (["--librispeech_dir", str(FIXTURE), "--eval_split", "train-clean-100"], "the evaluation data is the training"),
+    (["--dataset_name", "fleurs", "--eval_split", "", "--language_column", "language"],
+     "--language_column needs --languages, the languages to train"),
+    (["--librispeech_dir", str(FIXTURE), "--languages", "French", "--language", "German"],
+     "language 'German' .* is not one of languages"),
+    (["--train_manifest", "MIXED"], r'2 of 3 lines name no "language" while the others do'),
 ])
 def test_data_sources_are_checked_before_any_model_loads(tmp_path, monkeypatch, args, refusal):
+    if "MIXED" in args:  # a manifest of which one line names its language
+        lines = [{"audio": "a.wav", "text": "a", "language": "French"}, {"audio": "b.wav", "text": "b"},
+                 {"audio": "c.wav", "text": "c"}]
+        (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        args = [str(tmp_path / "m.jsonl") if a == "MIXED" else a for a in args]
     monkeypatch.setattr(finetune.SlamASR, "from_config", lambda *a, **k: pytest.fail("a model loaded first"))
     monkeypatch.setattr(finetune, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer loaded first"))
     with pytest.raises((ValueError, OSError), match=refusal):
@@ -531,7 +541,7 @@ def test_the_language_is_named_in_the_prompt_saved_and_replaced_at_decoding(tmp_
     french, german = SlamASR.load_adapter(str(out)), SlamASR.load_adapter(str(out), language="German")
     assert french.prefix_ids.tolist() == ids["prefix"] and french.suffix_ids.tolist() == ids["suffix"]
     assert german.prefix_ids.tolist() != ids["prefix"]  # the language is in the prompt before the speech
-    assert "in German:" in german.processor.prompt_template
+    assert "in German:" in german.processor.reference.text
     assert german.prefix_ids.tolist() == german.processor.tokenize_prompt()["prefix"]
 
     # decoding reads the German prompt: the LLM's embedding table is asked for its ids, never the French ones
@@ -545,3 +555,45 @@ def test_the_language_is_named_in_the_prompt_saved_and_replaced_at_decoding(tmp_
     assert transcribe.main(["--adapter", str(out), "--language", "German", "--librispeech_dir", str(FIXTURE),
                             "--split", "test-clean", "--max_new_tokens", "4"]) == 0
     assert "(greedy, basic normalizer)" in capsys.readouterr().err
+
+
+def test_a_two_language_corpus_trains_each_clips_prompt_and_decodes_each_in_its_own(tmp_path, capsys):
+    """The same three clips, each transcribed once in English and once in German: the prompt's language is the
+    only thing that tells the two targets apart, so the adapter learns them only if every clip's prompt names its
+    own language, and decoding gives the German words only where it asks in German."""
+    import transcribe
+
+    clips = sorted(FIXTURE.glob("train-clean-100/*/*/*.flac"))[:3]
+    english, german = ["one two", "three four", "five six"], ["eins zwei", "drei vier", "funf sechs"]
+    lines = [dict(audio=str(c), text=t, language=lang, id=f"{lang}-{c.stem}")
+             for lang, texts in (("English", english), ("German", german)) for c, t in zip(clips, texts)]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    assert finetune.main(tiny_args(out, *NO_EVAL, "--per_device_train_batch_size", "6", "--save_steps", "1000",
+                                   "--feature_cache", str(tmp_path / "cache"),  # each cached clip keeps its language
+                                   steps=120, source=("--train_manifest", str(manifest)))) == 0
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["languages"] == ["English", "German"] and config["language"] is None  # read from the manifest
+    saved = json.loads((out / "prompt_ids.json").read_text())["languages"]
+    assert "in English:" in saved["English"]["prompt"] and "in German:" in saved["German"]["prompt"]
+    assert saved["English"]["prefix"] != saved["German"]["prefix"]
+
+    def decode(languages):
+        test = tmp_path / "test.jsonl"
+        test.write_text("".join(json.dumps(dict(audio=str(c), language=lang)) + "\n"
+                                for c, lang in zip(clips * 2, languages)))
+        output = tmp_path / "preds.jsonl"
+        assert transcribe.main(["--adapter", str(out), "--manifest", str(test), "--max_new_tokens", "8",
+                                "--output", str(output), "--overwrite"]) == 0
+        rows = [json.loads(line) for line in output.read_text().splitlines()]  # in input order
+        assert [row["language"] for row in rows] == languages
+        return [row["text"] for row in rows]
+
+    assert decode(["English"] * 3 + ["German"] * 3) == english + german  # one mixed batch: each row its own
+    # the negative control: the same clips asked in the other language give the other language's words
+    assert decode(["German"] * 3 + ["English"] * 3) == german + english
+    # a clip that names no language is refused before the model loads: the adapter's prompt needs one
+    (tmp_path / "bare.jsonl").write_text(json.dumps(dict(audio=str(clips[0]))) + "\n")
+    with pytest.raises(SystemExit, match=r"names the clip's language \(it was trained on English, German\)"):
+        transcribe.main(["--adapter", str(out), "--manifest", str(tmp_path / "bare.jsonl")])

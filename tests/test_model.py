@@ -22,6 +22,7 @@ from model import (
     SlamASR,
     SlamASRConfig,
 )
+from processor import _common_prefix
 
 
 @pytest.mark.parametrize("bad", [
@@ -519,10 +520,91 @@ def test_transcribe_refuses_what_is_not_a_clip_by_name(trained_model, audio, mes
 def test_a_language_slot_needs_a_language_and_older_configs_have_none(tmp_path):
     with pytest.raises(ValueError, match=r"holds \{language\} but no language is set: pass --language"):
         SlamASRConfig(prompt_template="Say it in {language}: <speech>")
-    with pytest.raises(ValueError, match="language must be a language's name or code"):
+    with pytest.raises(ValueError, match="language: a language is a non-empty name or code"):
         SlamASRConfig(language=" ")
+    for languages, message in ((["fr", "fr"], "names a language twice"), ("fr", "must be a list"),
+                               (["fr", "<speech>"], "not a piece of a template"), ([], "must be a list")):
+        with pytest.raises(ValueError, match=message):
+            SlamASRConfig(languages=languages)
+    with pytest.raises(ValueError, match="'de' .* is not one of languages"):
+        SlamASRConfig(language="de", languages=["fr"])
     french = SlamASRConfig(prompt_template="In {language}: <speech>", language="fr")
     assert french.rendered_prompt() == "In fr: <speech>"
-    older = {k: v for k, v in asdict(SlamASRConfig(prompt_template="<speech>")).items() if k != "language"}
+    per_clip = SlamASRConfig(prompt_template="In {language}: <speech>", languages=["de", "fr"])
+    assert per_clip.rendered_prompt() == "In de: <speech>"  # the reference prompt: the first language's
+    older = {k: v for k, v in asdict(SlamASRConfig(prompt_template="<speech>")).items()
+             if k not in ("language", "languages")}
     (tmp_path / "c.json").write_text(json.dumps(older))  # saved before languages: a prompt that names none
-    assert SlamASRConfig.from_json_file(tmp_path / "c.json", complete=True).language is None
+    loaded = SlamASRConfig.from_json_file(tmp_path / "c.json", complete=True)
+    assert loaded.language is None and loaded.languages is None
+
+
+# --- clips in several languages: each row its own prompt -----------------------------------------------------
+
+LANGUAGE_TEMPLATE = DEFAULT_PROMPT_TEMPLATE.replace("Transcribe this audio:", "Transcribe this audio in {language}:")
+MIXED = ["English", "Deutsch", "Deutsch", "English"]
+
+
+def two_language_model(**overrides):
+    return make_model(prompt_template=LANGUAGE_TEMPLATE, languages=["English", "Deutsch"], **overrides)
+
+
+@pytest.mark.parametrize("cache_prefix", [True, False], ids=["cached_prefix", "uncached"])
+def test_a_batch_of_two_languages_matches_its_clips_alone(train_clips, cache_prefix):
+    audios, texts = train_clips[0][:4], train_clips[1][:4]
+    model = two_language_model().train()
+    model.cache_prefix = cache_prefix
+    english, german = model.processor.prompt("English"), model.processor.prompt("Deutsch")
+    assert len(english.prefix) != len(german.prefix)  # the rows' prompts really differ, in length too
+    assert model.prefix_ids.tolist() == english.prefix  # the reference prompt: the first language's
+    assert model.processor.prompt_rows(["English"] * 4) == {}  # the reference alone needs no rows
+    assert_padded_batch_matches_singles(model, audios, texts, MIXED)
+
+
+def test_a_mixed_batch_caches_the_prefix_its_languages_share(train_clips):
+    audios, texts = train_clips[0][:4], train_clips[1][:4]
+    model = two_language_model().train()
+    batch = model.processor(audios=audios, texts=texts, languages=MIXED)
+    english, german = model.processor.prompt("English"), model.processor.prompt("Deutsch")
+    shared = len(_common_prefix(english.prefix, german.prefix))
+    assert 30 < shared < len(german.prefix)  # the system turn and the start of the user turn
+    prefills = []
+    hook = model.llm.get_decoder().register_forward_pre_hook(  # positions already cached at each forward
+        lambda module, args, kwargs: prefills.append(getattr(kwargs.get(model.cache_argument), "get_seq_length",
+                                                             lambda: 0)()), with_kwargs=True)
+    try:
+        model.cache_prefix = False
+        full, full_grads = loss_and_adapter_grads(model, batch)
+        model.cache_prefix = True
+        cached, cached_grads = loss_and_adapter_grads(model, batch)
+    finally:
+        hook.remove()
+    assert prefills[0] == 0 and prefills[-1] == shared  # cropped to what every row shares
+    own = 2 * (len(english.prefix) + len(english.suffix)) + 2 * (len(german.prefix) + len(german.suffix))
+    assert (full.prompt_tokens.item(), cached.prompt_tokens.item()) == (own, own - 4 * shared)
+    torch.testing.assert_close(cached.loss, full.loss, rtol=1e-5, atol=0)
+    for c, f in zip(cached_grads, full_grads):
+        assert (c - f).norm() <= 1e-5 * f.norm()
+
+
+def test_decoding_a_mixed_batch_gives_each_clip_its_own_languages_transcript(train_clips):
+    audios = train_clips[0][:4]
+    model = two_language_model()
+    with model.decoding(max_new_tokens=6):
+        mixed = model.transcribe(audios, languages=MIXED)
+        alone = [model.transcribe([a], languages=[lang])[0] for a, lang in zip(audios, MIXED)]
+        swapped = [model.transcribe([a], languages=["Deutsch" if lang == "English" else "English"])[0]
+                   for a, lang in zip(audios, MIXED)]
+        model.cache_prefix = False
+        uncached = model.transcribe(audios, languages=MIXED)
+    assert mixed == alone == uncached
+    assert swapped != alone  # the language reaches what the LLM reads: another one, other transcripts
+
+
+def test_a_clip_without_a_language_needs_one_where_the_prompt_names_it():
+    model = two_language_model()
+    with pytest.raises(ValueError, match="this clip has none: give each clip its language"):
+        model.processor.labels(["the ship"], languages=[None])
+    defaulted = make_model(prompt_template=LANGUAGE_TEMPLATE, language="Deutsch", languages=["English", "Deutsch"])
+    assert defaulted.prefix_ids.tolist() == defaulted.processor.prompt("Deutsch").prefix  # --language's
+    assert defaulted.processor.prompt(None) is defaulted.processor.prompt("Deutsch")

@@ -17,7 +17,8 @@ def test_labels_cover_transcript_and_eos_only(train_clips):
     labels, _ = model.processor.labels(batch_texts)
     frames, frame_lengths = model.encode(input_values, audio_lengths)
     embeds, speech_lengths = model.adapt(frames, frame_lengths)
-    _, attention_mask, targets = model.splice(embeds, speech_lengths, labels)
+    spliced = model.splice(embeds, speech_lengths, labels)
+    attention_mask, targets = spliced.attention_mask, spliced.targets
     P, Q = len(model.prefix_ids), len(model.suffix_ids)
     for i, text in enumerate(batch_texts):
         ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -90,7 +90,8 @@ def test_training_sequence_is_the_tokenizers_own_encoding_of_the_conversation(ba
     input_values, audio_lengths = processor.audio([audio])
     frames, frame_lengths = model.encode(input_values, audio_lengths)
     speech_embeds, speech_lengths = model.adapt(frames, frame_lengths)
-    inputs_embeds, attention_mask, targets = model.splice(speech_embeds, speech_lengths, labels)
+    spliced = model.splice(speech_embeds, speech_lengths, labels)
+    inputs_embeds, attention_mask, targets = spliced.inputs_embeds, spliced.attention_mask, spliced.targets
     S = speech_lengths.item()
     text_positions = [*range(len(expected_prefix)), *range(len(expected_prefix) + S, attention_mask.sum().item())]
     embed = model.llm.get_input_embeddings().weight

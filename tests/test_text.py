@@ -46,3 +46,16 @@ def test_other_languages_keep_their_letters_and_lose_their_punctuation():
     assert (scores["wer"], scores["normalizer"]) == (0.0, "basic")
     with pytest.raises(ValueError, match="unknown WER normalizer 'nope'"):
         text.word_error_rate(["a"], ["a"], "nope")
+
+
+def test_a_corpus_of_several_languages_scores_each_clip_by_its_own_rule():
+    refs, hyps = ["the cat sat", "我爱你"], ["the cat sat down", "我爱"]
+    word_error_rate, scores_by_language, wer_line = text.word_error_rate, text.scores_by_language, text.wer_line
+    mixed = word_error_rate(refs, hyps, language=["en", "zh"])
+    assert (mixed["words"], mixed["insertions"], mixed["deletions"]) == (3 + 3, 1, 1)  # words + characters
+    assert mixed["unit"] == "mixed" and mixed["normalizer"] == "basic + whisper"
+    assert "WER/CER" in wer_line(mixed)
+    by = scores_by_language(refs, hyps, ["en", "zh"])
+    assert by["en"]["wer"] == pytest.approx(1 / 3) and by["zh"]["wer"] == pytest.approx(1 / 3)
+    assert by["zh"]["unit"] == "character"
+    assert word_error_rate(refs[:1], hyps[:1], language=["en"]) == word_error_rate(refs[:1], hyps[:1], language="en")
