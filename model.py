@@ -37,6 +37,7 @@ from processor import (
     SlamASRProcessor,
     chat_prompt_template,
     language_problem,
+    reference_language,
     render_prompt,
     write_text_atomic,
 )
@@ -187,7 +188,7 @@ class SlamASRConfig:
         if self.language is not None and language_problem(self.language):
             raise ValueError(f"language: {language_problem(self.language)}")
         if self.languages is not None:
-            if isinstance(self.languages, str) or not isinstance(self.languages, (list, tuple)) or not self.languages:
+            if not isinstance(self.languages, (list, tuple)) or not self.languages:
                 raise ValueError(f"languages must be a list of languages (e.g. --languages French German), got "
                                  f"{self.languages!r}")
             problem = next(filter(None, map(language_problem, self.languages)), None)
@@ -213,17 +214,12 @@ class SlamASRConfig:
         """Whether the prompt names a language: the run's, or each clip's."""
         return self.language is not None or bool(self.languages)
 
-    @property
-    def reference_language(self):
-        """The language of the reference prompt (processor.py): `language`, else the first of `languages`."""
-        return self.language if self.language is not None or not self.languages else self.languages[0]
-
     def rendered_prompt(self):
-        """The reference prompt the LLM reads: the template, its language slot filled with reference_language
-        (None: no template yet, the chat template's comes)."""
+        """The reference prompt the LLM reads: the template, its language slot filled with
+        processor.reference_language (None: no template yet, the chat template's comes)."""
         if self.prompt_template is None:
             return None
-        return render_prompt(self.prompt_template, self.reference_language)
+        return render_prompt(self.prompt_template, reference_language(self.language, self.languages))
 
     def to_json_string(self):
         return json.dumps(asdict(self), indent=2) + "\n"

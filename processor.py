@@ -47,6 +47,12 @@ def language_problem(language):
     return None
 
 
+def reference_language(language, languages):
+    """The language of the reference prompt (the one the prefix cache holds): `language` (that of clips naming
+    none), else the first of `languages`."""
+    return language if language is not None or not languages else languages[0]
+
+
 def render_prompt(template, language):
     """The prompt the LLM reads for a clip in `language`: the template with its language slot filled."""
     if LANGUAGE_SLOT not in template:
@@ -151,7 +157,7 @@ class SlamASRProcessor:
         self.special_tokens = sorted({t for t in tokenizer.all_special_tokens if t})
         self.saved_ids = dict(saved_ids or {})
         self._prompts = {}  # rendered text -> Prompt, made on first use
-        self.reference = self.prompt(language if language is not None or not self.languages else self.languages[0])
+        self.reference = self.prompt(reference_language(language, self.languages))
         if self.reference.prefix_text.endswith((" ", "\t")):
             logger.warning(f"prompt_template has whitespace right before {SPEECH_PLACEHOLDER}: most tokenizers "
                            f"make it a token of its own in front of the speech (ids {self.reference.prefix[-2:]}"
