@@ -165,6 +165,12 @@ class Wav2Vec2Family:
     def frame_rate(self):
         return self.sampling_rate / math.prod(self.encoder.config.conv_stride)
 
+    @property
+    def layer_widths(self):
+        """A transformer layer's (hidden size, feed-forward size, attention heads)."""
+        config = self.encoder.config
+        return config.hidden_size, config.intermediate_size, config.num_attention_heads
+
     def frame_lengths(self, audio_lengths):
         """Samples (B,) -> encoder frames (B,)."""
         return self.encoder._get_feat_extract_output_lengths(audio_lengths)
@@ -224,6 +230,13 @@ class WhisperEncoderKind:
     @property
     def frame_rate(self):
         return self.sampling_rate / self.hop_length / self.stride
+
+    @property
+    def layer_widths(self):
+        """A transformer layer's (hidden size, feed-forward size, attention heads): Whisper's config names them
+        d_model, encoder_ffn_dim and encoder_attention_heads."""
+        config = self.encoder.config
+        return config.d_model, config.encoder_ffn_dim, config.encoder_attention_heads
 
     def frame_lengths(self, audio_lengths):
         """Samples (B,) -> the clip's own encoder frames (B,): its mel frames (one every hop, the first at sample

@@ -136,21 +136,33 @@ def parameter_bytes(module):
 
 def encoder_activation_bytes(model, clips, seconds):
     """The frozen encoder's transient peak over a batch of `clips` x `seconds` (no_grad: nothing is kept): the
-    larger of its conv front end (CONV_COPIES of its first conv's output) and one transformer layer (its
-    intermediate and four hidden-sized tensors, and the attention scores), plus the waveform and the frames."""
+    larger of its conv front end (CONV_COPIES of its first conv's output) and one transformer layer (its feed-forward
+    layer's two intermediate tensors, the first layer's output and its activation, held at once; four hidden-sized
+    tensors; eager attention's scores), plus the waveform and the frames."""
     config, kind = model.encoder.config, model.encoder_kind
     b = next(model.encoder.parameters()).element_size()
     samples = round(seconds * model.sampling_rate)
     frames = kind.window_frames if hasattr(kind, "window_frames") else int(
         kind.frame_lengths(torch.tensor([samples]))[0])
-    d, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    d, inter, heads = kind.layer_widths
     conv = 0
     if hasattr(config, "conv_dim"):
         first = (samples - config.conv_kernel[0]) // config.conv_stride[0] + 1
         conv = round(CONV_COPIES[config.feat_extract_norm] * clips * config.conv_dim[0] * first * b)
-    layer = clips * frames * (inter + 4 * d) * b + clips * heads * frames**2 * b
+    layer = clips * frames * (2 * inter + 4 * d) * b
+    layer += attention_score_bytes(model.encoder.config, heads, clips, frames, frames, b, copies=2)
     waveform = clips * samples * (4 + b)  # the processor's float32, cast to the encoder's dtype
     return waveform + max(conv, layer) + clips * frames * d * b
+
+
+def attention_score_bytes(config, heads, clips, queries, keys, b, copies):
+    """`copies` of the (clips, heads, queries, keys) attention scores one layer of `config`'s model makes under
+    eager attention (the scores and their softmax at once, 2, in a no_grad pass; the softmax autograd keeps, 1,
+    in a training step); the fused kernels (sdpa, flash attention) make none (measured on CPU,
+    tests/test_estimate.py)."""
+    if config._attn_implementation != "eager":
+        return 0
+    return copies * clips * heads * queries * keys * b
 
 
 def llm_activation_bytes(model, clips, seconds, targets):
@@ -168,6 +180,9 @@ def llm_activation_bytes(model, clips, seconds, targets):
     positions = clips * (speech + prompt + targets)
     per_layer = 2 * 4 * d + (4 * d + 3 * inter) * b
     llm = positions * (layers * per_layer + 4 * d) + clips * targets * vocab * (b + 4 + 4)
+    row = positions // clips  # eager attention keeps every layer's softmax for backward, over the cached prefix too
+    keys = row + len(model.prefix_ids) * model.cache_prefix
+    llm += layers * attention_score_bytes(config, config.num_attention_heads, clips, row, keys, b, copies=1)
     llm += positions * (2 * inter + 2 * d) * b  # the backward's gradients through one layer
     adapter = model.adapter
     stacked = model.config.downsample * model.encoder.config.hidden_size

@@ -39,18 +39,37 @@ def reset_peak():
         f.write("5")  # VmHWM back to the current resident set
 
 
-def measure_step(size, clips, seconds, words, cached):
+def whisper_backbones():
+    """A Whisper encoder of whisper-tiny's shapes (384 wide, 4 layers, 6 heads, the 30 s window of 1500 frames) and
+    the tiny LLM, random weights."""
+    import transformers as tf
+
+    from backbones import tiny_backbones
+
+    _, llm, tokenizer, _ = tiny_backbones(0)
+    config = tf.WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
+                              num_mel_bins=80, max_source_positions=1500, decoder_layers=1, decoder_attention_heads=2,
+                              decoder_ffn_dim=64, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              decoder_start_token_id=1)
+    encoder = tf.WhisperModel(config).get_encoder().eval()
+    return encoder, llm, tokenizer, tf.WhisperFeatureExtractor(feature_size=80)
+
+
+def measure_step(size, clips, seconds, words, cached, attention="sdpa"):
     """(subprocess) One training step of `clips` clips of `seconds` each (transcripts of 4 x `words` words), of
-    bench.py's `size` backbones in float32, after a warm-up step: prints the measured bytes above rest and the
-    estimate's figure for the same (activations and adapter gradients: the weights and AdamW's moments are at rest
-    already)."""
+    bench.py's `size` backbones (or whisper_backbones) in float32, both with `attention`, after a warm-up step:
+    prints the measured bytes above rest and the estimate's figure for the same (activations and adapter
+    gradients: the weights and AdamW's moments are at rest already)."""
     import gc
 
     import bench
     from model import SlamASR, SlamASRConfig
 
     torch.manual_seed(0)
-    encoder, llm, tokenizer, feature_extractor = bench.build_backbones(size)
+    encoder, llm, tokenizer, feature_extractor = (whisper_backbones() if size == "whisper"
+                                                  else bench.build_backbones(size))
+    for backbone in (encoder, llm):
+        backbone.config._attn_implementation = attention
     model = SlamASR(SlamASRConfig(encoder=size, llm=size), encoder, llm, tokenizer, feature_extractor).train()
     audios = [0.1 * torch.randn(int(seconds * model.sampling_rate)).numpy() for _ in range(clips)]
     batch = model.processor(audios=audios, texts=[" ".join(["the ship sailed home"] * words)] * clips)
@@ -106,12 +125,25 @@ def in_subprocess(call):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def assert_near_measured(got):
+    measured, estimated = got["measured"], got["estimated"]
+    assert LOW * measured <= estimated <= HIGH * measured + SLACK, (measured, estimated, estimated / measured)
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["encoder_in_step", "feature_cache"])
 @pytest.mark.parametrize("size,clips,seconds,words", [("tiny", 8, 20.0, 20), ("base", 2, 10.0, 8)])
 def test_memory_estimate_matches_measured_cpu_peak(size, clips, seconds, words, cached):
-    got = in_subprocess(f"measure_step({size!r}, {clips}, {seconds}, {words}, {cached})")
-    measured, estimated = got["measured"], got["estimated"]
-    assert LOW * measured <= estimated <= HIGH * measured + SLACK, (measured, estimated, estimated / measured)
+    assert_near_measured(in_subprocess(f"measure_step({size!r}, {clips}, {seconds}, {words}, {cached})"))
+
+
+@pytest.mark.parametrize("size,clips,seconds,cached,attention", [
+    ("whisper", 1, 10.0, False, "sdpa"), ("whisper", 4, 10.0, False, "sdpa"), ("whisper", 1, 10.0, False, "eager"),
+    ("whisper", 4, 10.0, False, "eager"), ("base", 4, 40.0, True, "eager")])
+def test_memory_estimate_of_whisper_and_of_eager_attention(size, clips, seconds, cached, attention):
+    # Whisper's encoder runs its whole 30 s window (1500 frames) for any clip, where the (heads, 1500, 1500)
+    # scores of eager attention are 3x a layer's other activations; sdpa's kernel never makes them. The LLM
+    # under eager attention keeps every layer's softmax for backward (4 clips of 40 s: a third of what it keeps).
+    assert_near_measured(in_subprocess(f"measure_step({size!r}, {clips}, {seconds}, 8, {cached}, {attention!r})"))
 
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
@@ -145,6 +177,24 @@ def run_finetune(*args):
     proc = run_script([sys.executable, "finetune.py", *args])
     out, _ = proc.communicate(timeout=300)
     return proc.returncode, out
+
+
+def test_estimate_of_a_whisper_encoder_checkpoint(tmp_path):
+    # a whole encoder-decoder checkpoint, as openai/whisper-* are: its config names a layer's widths d_model,
+    # encoder_ffn_dim and encoder_attention_heads (the estimate once asked it for intermediate_size and crashed
+    # every run with a Whisper encoder)
+    import transformers as tf
+
+    config = tf.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                              decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                              max_source_positions=1500, max_target_positions=32, vocab_size=100, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    tf.WhisperForConditionalGeneration(config).save_pretrained(tmp_path / "whisper")
+    tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp_path / "whisper")
+    code, out = run_finetune("--encoder", str(tmp_path / "whisper"), "--llm", "tiny", "--librispeech_dir",
+                             str(FIXTURE), "--use_cpu", "--output_dir", str(tmp_path / "out"), "--estimate")
+    assert code == 0, out
+    assert "frozen encoder" in out and "one epoch of" in out
 
 
 def test_estimate_flag_prints_and_exits(tmp_path):
