@@ -179,7 +179,7 @@ def run_finetune(*args):
     return proc.returncode, out
 
 
-def test_estimate_of_a_whisper_encoder_checkpoint(tmp_path):
+def test_a_run_on_a_whisper_encoder_checkpoint_reckons_its_estimate_and_trains(tmp_path):
     # a whole encoder-decoder checkpoint, as openai/whisper-* are: its config names a layer's widths d_model,
     # encoder_ffn_dim and encoder_attention_heads (the estimate once asked it for intermediate_size and crashed
     # every run with a Whisper encoder)
@@ -192,9 +192,11 @@ def test_estimate_of_a_whisper_encoder_checkpoint(tmp_path):
     tf.WhisperForConditionalGeneration(config).save_pretrained(tmp_path / "whisper")
     tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp_path / "whisper")
     code, out = run_finetune("--encoder", str(tmp_path / "whisper"), "--llm", "tiny", "--librispeech_dir",
-                             str(FIXTURE), "--use_cpu", "--output_dir", str(tmp_path / "out"), "--estimate")
+                             str(FIXTURE), "--use_cpu", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+                             "--eval_split", "")
     assert code == 0, out
-    assert "frozen encoder" in out and "one epoch of" in out
+    assert "frozen encoder" in out and "one epoch of" in out  # the estimate, then the run
+    assert (tmp_path / "out" / "adapter.safetensors").exists()
 
 
 def test_estimate_flag_prints_and_exits(tmp_path):
