@@ -137,7 +137,7 @@ def parameter_bytes(module):
 def encoder_activation_bytes(model, clips, seconds):
     """The frozen encoder's transient peak over a batch of `clips` x `seconds` (no_grad: nothing is kept): the
     larger of its conv front end (CONV_COPIES of its first conv's output) and one transformer layer (its feed-forward
-    layer's two intermediate tensors, the first layer's output and its activation, held at once; four hidden-sized
+    layer's two intermediate tensors, its first linear's output and that output's activation, held at once; four hidden-sized
     tensors; eager attention's scores), plus the waveform and the frames."""
     config, kind = model.encoder.config, model.encoder_kind
     b = next(model.encoder.parameters()).element_size()
@@ -150,7 +150,7 @@ def encoder_activation_bytes(model, clips, seconds):
         first = (samples - config.conv_kernel[0]) // config.conv_stride[0] + 1
         conv = round(CONV_COPIES[config.feat_extract_norm] * clips * config.conv_dim[0] * first * b)
     layer = clips * frames * (2 * inter + 4 * d) * b
-    layer += attention_score_bytes(model.encoder.config, heads, clips, frames, frames, b, copies=2)
+    layer += attention_score_bytes(config, heads, clips, frames, frames, b, copies=2)
     waveform = clips * samples * (4 + b)  # the processor's float32, cast to the encoder's dtype
     return waveform + max(conv, layer) + clips * frames * d * b
 

@@ -183,14 +183,11 @@ def test_a_run_on_a_whisper_encoder_checkpoint_reckons_its_estimate_and_trains(t
     # a whole encoder-decoder checkpoint, as openai/whisper-* are: its config names a layer's widths d_model,
     # encoder_ffn_dim and encoder_attention_heads (the estimate once asked it for intermediate_size and crashed
     # every run with a Whisper encoder)
-    import transformers as tf
+    from test_backbones import build_encoder
 
-    config = tf.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-                              decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-                              max_source_positions=1500, max_target_positions=32, vocab_size=100, pad_token_id=0,
-                              bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    tf.WhisperForConditionalGeneration(config).save_pretrained(tmp_path / "whisper")
-    tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(tmp_path / "whisper")
+    whisper, feature_extractor = build_encoder("whisper")
+    whisper.save_pretrained(tmp_path / "whisper")
+    feature_extractor.save_pretrained(tmp_path / "whisper")
     code, out = run_finetune("--encoder", str(tmp_path / "whisper"), "--llm", "tiny", "--librispeech_dir",
                              str(FIXTURE), "--use_cpu", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
                              "--eval_split", "")
