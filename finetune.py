@@ -76,7 +76,8 @@ class ModelArguments:
                                     metadata={"help": "Allow backbones whose hub repo ships its own code."})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel of both backbones, as from_pretrained takes it: sdpa (transformers' default), "
-                "eager, flash_attention_2. On a CPU, eager trains faster (docs/PERFORMANCE.md)."})
+                "eager, flash_attention_2. On a CPU in bf16, eager was faster on one machine and slower on another: "
+                "bench.py --end_to_end measures it on yours (docs/PERFORMANCE.md)."})
 
 
 @dataclass
