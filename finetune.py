@@ -196,7 +196,8 @@ def arguments(argv):
 def parse_args(argv):
     """SlamASRConfig, our two dataclasses and Seq2SeqTrainingArguments, from the command line or a JSON/YAML file
     (then the command line's overrides), with the same defaults either way, and the settings they imply."""
-    parser = HfArgumentParser((SlamASRConfig, ModelArguments, DataArguments, TrainingArguments),
+    # allow_abbrev=False: a shortened flag (--learning_rat) is refused, as the same key in an args file is
+    parser = HfArgumentParser((SlamASRConfig, ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False,
                               usage="finetune.py [ARGS.json|ARGS.yaml] [--OPTION VALUE ...]  (ours first below)")
     for action in parser._actions:
         action.help = HELP.get(action.dest, action.help)
@@ -345,6 +346,8 @@ def validate_args(data_args, training_args):
         ("per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, ">= 1"),
         ("per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, ">= 1"),
         ("max_new_tokens", d.max_new_tokens, d.max_new_tokens >= 1, ">= 1"),
+        ("generation_num_beams", t.generation_num_beams or 0, t.generation_num_beams is None or
+         t.generation_num_beams >= 1, ">= 1, or unset for greedy"),
         ("max_target_tokens", d.max_target_tokens, d.max_target_tokens >= 2, ">= 2: a text token and EOS"),
         ("max_nonfinite_steps", d.max_nonfinite_steps, d.max_nonfinite_steps >= 1, ">= 1"),
         ("min_duration", d.min_duration, d.min_duration >= 0, ">= 0"),

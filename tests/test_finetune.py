@@ -379,6 +379,9 @@ def test_an_args_file_gets_the_same_defaults_as_the_command_line(tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({**values, "learning_rat": 1e-3}))
     with pytest.raises(ValueError, match=r"typo.json: unknown arguments \['learning_rat'\]"):
         finetune.arguments([str(tmp_path / "typo.json")])
+    # and on the command line, where argparse took a shortened flag for the whole one
+    with pytest.raises(ValueError, match=r"not used .*\['--learning_rat', '1e-3'\]"):
+        finetune.arguments(cli + ["--learning_rat", "1e-3"])
 
 
 @pytest.mark.parametrize("args, refusal", [
@@ -413,6 +416,7 @@ def test_the_evaluation_each_source_gets(args, evaluates_on):
     (["--max_steps", "0"], "--max_steps 0"),
     (["--num_train_epochs", "0"], "--num_train_epochs 0"),
     (["--max_new_tokens", "0"], "--max_new_tokens 0"),
+    (["--generation_num_beams", "0"], "--generation_num_beams 0"),  # was read as 1
     (["--max_target_tokens", "1"], "--max_target_tokens 1"),
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps 0"),
     (["--min_duration", "5", "--max_duration", "2"], "--max_duration 2 .must be > --min_duration 5"),
