@@ -748,6 +748,9 @@ def check_data_sources(data_args):
             corpus.index_librispeech(data_args.librispeech_dir, split, report)
     read = {}
     for flag, manifest in (("train_manifest", data_args.train_manifest), ("eval_manifest", data_args.eval_manifest)):
+        if manifest and not os.path.isfile(manifest):
+            raise FileNotFoundError(f"--{flag} {manifest}: {'a folder' if os.path.isdir(manifest) else 'no such file'}"
+                                    "; pass a JSON-lines file, one {\"audio\": path, \"text\": ...} per line")
         if manifest:
             read[flag] = corpus.read_manifest(manifest, report)
             if not read[flag]:

@@ -112,11 +112,18 @@ def parse_args(argv=None):
     p.add_argument("--attn_implementation", choices=["eager", "sdpa", "flash_attention_2"], default=None,
                    help="attention kernel of both backbones (default: transformers' choice, sdpa)")
     args = p.parse_args(argv)
+
+    def check_file(flag):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            p.error(f"--{flag} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+
     if args.rescore:
         given = [f"--{name}" for name in ("adapter", "output", "manifest", "librispeech_dir", "resume", "overwrite")
                  if getattr(args, name)] + (["input files"] if args.inputs else [])
         if given:
             p.error(f"--rescore scores its file alone, with no model: drop {', '.join(given)}")
+        check_file("rescore")
         return args
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
@@ -124,6 +131,7 @@ def parse_args(argv=None):
         p.error("--adapter is required (or --rescore, to score an earlier output again)")
     if not (args.inputs or args.manifest or args.librispeech_dir):
         p.error("give audio files or folders, --manifest, or --librispeech_dir")
+    check_file("manifest")
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1 (got {args.batch_size})")
     try:  # the decoding flags, checked as they will be applied

@@ -501,6 +501,8 @@ def test_a_saved_config_of_the_wrong_type_is_refused_by_field(tmp_path):
     (["--librispeech_dir", str(FIXTURE), "--languages", "French", "--language", "German"],
      "language 'German' .* is not one of languages"),
     (["--train_manifest", "MIXED"], r'2 of 3 lines name no "language" while the others do'),
+    (["--train_manifest", "/nonexistent/m.jsonl"], "--train_manifest /nonexistent/m.jsonl: no such file; pass a JSON"),
+    (["--train_manifest", str(FIXTURE)], "--train_manifest .*: a folder; pass a JSON-lines file"),
 ])
 def test_data_sources_are_checked_before_any_model_loads(tmp_path, monkeypatch, args, refusal):
     if "MIXED" in args:  # a manifest of which one line names its language

@@ -407,6 +407,18 @@ def test_aiff_and_au_are_transcribed_and_other_files_counted(adapter_dir, tmp_pa
     assert "not an audio file by its name" in caplog.text and "notes.txt" in caplog.text
 
 
+@pytest.mark.parametrize("args, refusal", [
+    (["--adapter", "x", "--manifest", "/nonexistent/m.jsonl"], "--manifest /nonexistent/m.jsonl: no such file"),
+    (["--rescore", "/nonexistent/p.jsonl"], "--rescore /nonexistent/p.jsonl: no such file"),
+    (["--rescore", "/"], "--rescore /: a folder, not a file"),
+])
+def test_a_missing_manifest_or_rescore_file_is_refused_by_its_flag(args, refusal, capsys):
+    # was Python's own "[Errno 2] No such file or directory", without the flag
+    with pytest.raises(SystemExit):
+        transcribe.parse_args(args)
+    assert refusal in capsys.readouterr().err
+
+
 def test_a_cuda_device_without_cuda_is_refused_before_loading(capsys, monkeypatch):
     monkeypatch.setattr(transcribe.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
