@@ -405,8 +405,9 @@ def test_compiled_llm_body_keeps_the_loss_and_gradients(train_set):
 
 
 def test_eager_attention_keeps_the_loss_and_padded_batches(train_set, tmp_path):
-    # --attn_implementation eager (faster than sdpa on some CPUs, docs/PERFORMANCE.md): both backbones take it, loaded by path or built
-    # tiny; the loss is sdpa's, and a padded batch still gives each clip's own loss and gradients
+    # --attn_implementation eager (faster than sdpa on some CPUs, docs/PERFORMANCE.md): both backbones take it,
+    # loaded by path or built tiny; the loss is sdpa's, and a padded batch still gives each clip's own loss and
+    # gradients
     from conftest import assert_padded_batch_matches_singles
 
     from backbones import load_backbones, tiny_backbones
