@@ -337,8 +337,7 @@ def main(argv=None):
         if use_cache:
             dtype = next(model.encoder.parameters()).dtype
             if dtype not in caches:
-                cache = FeatureCache(workdir.name, config.encoder, SAMPLE_RATE,
-                                          model.encoder.config.hidden_size, dtype)
+                cache = FeatureCache(workdir.name, config.encoder, model.encoder, SAMPLE_RATE)
                 ds = InMemory(clips)
                 sync(device)
                 start = time.perf_counter()
@@ -415,8 +414,7 @@ def fill_lever(size, device, json_path=None, clips=8, seconds=10.0):
     with tempfile.TemporaryDirectory() as workdir:
         for attempt in range(2):
             for name, padding in (("one_at_a_time", 0.0), ("near_equal_batch", FILL_MAX_PADDING)):
-                cache = FeatureCache(f"{workdir}/{name}{attempt}", model.config.encoder, SAMPLE_RATE,
-                                          model.encoder.config.hidden_size, torch.float32)
+                cache = FeatureCache(f"{workdir}/{name}{attempt}", model.config.encoder, model.encoder, SAMPLE_RATE)
                 sync(device)
                 start = time.perf_counter()
                 cache.fill(model.encode_audio, dataset, batch_size=clips, batched=model.encoder_takes_mask,

@@ -154,19 +154,21 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
 
 class FeatureCache:
     """Encoder outputs per clip in half precision, in safetensors shards under a folder named by a hash of
-    (encoder, sample rate, hidden size, dtypes): a cache made by another encoder or setting is never read.
+    (encoder name, a digest of its weights, sample rate, hidden size, dtypes): a cache made by another encoder,
+    by other weights saved under the same name, or with another setting is never read.
     Entries are named by the audio's identity (`entry_name`), never by utterance id: two manifests' `clip0.flac`
     are two entries, a rewritten file is encoded again, and two ids of one file share one entry.
     Each rank writes its own shards and then its index; a shard missing from an index is recomputed."""
 
     SHARD_BYTES = 512 * 2**20
 
-    def __init__(self, root, encoder_name, sampling_rate, hidden_size, encoder_dtype, dtype=torch.float16):
+    def __init__(self, root, encoder_name, encoder, sampling_rate, dtype=torch.float16):
         # names this run's shards and index apart from another run's filling the same cache at the same time
         self.run = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        encoder_dtype = next(encoder.parameters()).dtype
         # the encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other features
-        self.key = dict(encoder=encoder_name, sampling_rate=sampling_rate, hidden_size=hidden_size,
-                        encoder_dtype=str(encoder_dtype).replace("torch.", ""),
+        self.key = dict(encoder=encoder_name, weights=weights_digest(encoder), sampling_rate=sampling_rate,
+                        hidden_size=encoder.config.hidden_size, encoder_dtype=str(encoder_dtype).replace("torch.", ""),
                         dtype=str(dtype).replace("torch.", ""),
                         entries="audio identity")  # caches whose entries were named by utterance id are not read
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
@@ -268,6 +270,17 @@ class FeatureCache:
         if shard not in self._readers:  # memory-mapped; opened lazily, per DataLoader worker
             self._readers[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._readers[shard].get_tensor(name)
+
+
+def weights_digest(module):
+    """sha256 of a module's parameters and buffers: their names, dtypes, shapes and bytes. The name a model was
+    loaded by says nothing of what was saved there last; this does (about 1 s for HuBERT-large's 1.3 GB)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes: bf16 has no numpy dtype
+    return digest.hexdigest()
 
 
 def shard_problem(path):

@@ -660,8 +660,7 @@ def fill_feature_cache(model, train_dataset, data_args, training_args, encode):
     trains from the cache."""
     from accelerate import PartialState
 
-    cache = FeatureCache(data_args.feature_cache, model.config.encoder, model.sampling_rate,
-                              model.encoder.config.hidden_size, next(model.encoder.parameters()).dtype)
+    cache = FeatureCache(data_args.feature_cache, model.config.encoder, model.encoder, model.sampling_rate)
     model.to(training_args.device)
     # Batches of similar durations, sized in audio seconds as training's (an encode-only pass fits where a
     # training step does) or as the eval batch's worst case. Encoders that take no attention mask are batched

@@ -1,4 +1,5 @@
 """Datasets, the stream and the feature cache (dataset.py)."""
+import copy
 import itertools
 import json
 import os
@@ -85,8 +86,7 @@ def test_bad_clip_is_replaced_and_counted(tmp_path, clip):
 
 
 def cache_for(model, root, **kw):
-    return FeatureCache(root, model.config.encoder, model.sampling_rate, model.encoder.config.hidden_size,
-                        next(model.encoder.parameters()).dtype, **kw)
+    return FeatureCache(root, model.config.encoder, model.encoder, model.sampling_rate, **kw)
 
 
 def test_feature_cache_gives_the_same_loss(train_set, tmp_path):
@@ -111,7 +111,8 @@ def test_feature_cache_is_keyed_and_resumable(train_set, tmp_path):
     cache = cache_for(model, tmp_path)
     cache.SHARD_BYTES = 1  # one shard per batch, so that a kill can fall between shards
     cache.fill(model.encode_audio, train_set, batch_size=4)
-    other = FeatureCache(tmp_path, "tiny", 16000, 64, torch.bfloat16)  # another encoder dtype
+    assert cache_for(make_model(), tmp_path).dir == cache.dir  # the same weights again: the same cache
+    other = FeatureCache(tmp_path, "tiny", copy.deepcopy(model.encoder).to(torch.bfloat16), 16000)  # another dtype
     assert other.dir != cache.dir and not other.load_index().index
     # a shard whose index entry was never written (killed mid-fill) is not trusted: its clips are redone
     shard = sorted(cache.dir.glob("*-rank0-*.safetensors"))[-1]
@@ -122,6 +123,19 @@ def test_feature_cache_is_keyed_and_resumable(train_set, tmp_path):
     assert not set(lost) & set(cache.load_index().index)
     cache.fill(model.encode_audio, train_set, batch_size=4)
     assert set(cache.load_index().index) == {cache.entry_name(r) for r in train_set.records}
+
+
+def test_feature_cache_is_keyed_by_the_encoder_weights_not_its_name(train_set, tmp_path):
+    # an encoder folder saved again (trained further, or another checkpoint copied in) keeps its name
+    model = make_model()
+    cache = cache_for(model, tmp_path)
+    cache.fill(model.encode_audio, train_set, batch_size=4)
+    retrained = copy.deepcopy(model.encoder)
+    with torch.no_grad():
+        next(retrained.parameters())[0].add_(1e-3)  # one row of one tensor
+    other = FeatureCache(tmp_path, model.config.encoder, retrained, model.sampling_rate)
+    assert other.key["encoder"] == cache.key["encoder"] and other.key["weights"] != cache.key["weights"]
+    assert other.dir != cache.dir and not other.load_index().index
 
 
 def test_feature_cache_is_keyed_by_the_audio_not_the_id(tmp_path):
