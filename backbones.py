@@ -35,6 +35,11 @@ def load_pretrained(what, name, fn, **kwargs):
         reason = " ".join(str(e).split())
         if os.path.isdir(name):
             raise OSError(f"could not load the {what} from the folder {name}: {reason}") from None
+        if is_a_path(name):
+            raise OSError(f"could not load the {what}: {name} is no folder here (a path, not a hub repo id). Point at "
+                          "where it is now; an adapter names the folders it was trained with, and transcribe.py "
+                          "--encoder/--llm (SlamASR.load_adapter(encoder=..., llm=...)) load them from another place"
+                          ) from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         raise OSError(
             f"could not load the {what} {name!r} ({reason}). "
@@ -43,6 +48,24 @@ def load_pretrained(what, name, fn, **kwargs):
             "point HF_HOME at a cache that holds it.") from None
     finally:
         hub_logging.set_verbosity(quiet)
+
+
+def is_a_path(name):
+    """Whether `name` can only be a local path: a hub repo id is `name` or `owner/name`, never absolute, never
+    starting with a dot, never with two slashes."""
+    import os
+
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def missing_folder(name):
+    """What is wrong with a backbone name that can only be a local folder and is none, or None: said before
+    anything loads."""
+    import os
+
+    if name and is_a_path(name) and not os.path.isdir(name):
+        return f"{name}: no such folder (a local path; a hub repo id is NAME or OWNER/NAME)"
+    return None
 
 
 def load_tokenizer(name, trust_remote_code=False):

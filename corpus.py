@@ -165,6 +165,14 @@ def utf8_lines(path, report):
             yield None
 
 
+def listing_problem(path):
+    """Why `path` is not a JSON-lines file to read (a manifest, an earlier output): "no such file", "a folder,
+    not a file", or None, for the caller to prefix with the flag that named it."""
+    if Path(path).is_file():
+        return None
+    return "a folder, not a file" if Path(path).is_dir() else "no such file"
+
+
 def read_manifest(path, report, require_text=True):
     """Records from a JSON-lines manifest: {"audio": path (relative to the manifest), "text": ...}, optional
     "id", "duration" and "language" (the clip's, named in its prompt). A listed duration is kept to be checked

@@ -39,7 +39,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 import corpus
 import estimate
-from backbones import backbones_on_meta, load_tokenizer
+from backbones import backbones_on_meta, load_tokenizer, missing_folder
 from batching import DurationBatchSampler, SpeechCollator, padding_fraction
 from checkpoints import checkpoint_step, hold_output_dir, resolve_resume
 from dataset import (
@@ -188,6 +188,9 @@ HELP = {  # Trainer's options whose --help says less than what they do here
 def arguments(argv):
     """The run's arguments, parsed, checked and fitted to the device: what main() starts from."""
     config, model_args, data_args, training_args = parse_args(argv)
+    for flag in ("encoder", "llm"):
+        if missing_folder(getattr(config, flag)):
+            raise FileNotFoundError(f"--{flag} {missing_folder(getattr(config, flag))}")
     validate_args(data_args, training_args)
     apply_device_defaults(training_args)
     return config, model_args, data_args, training_args
@@ -747,9 +750,9 @@ def check_data_sources(data_args):
             corpus.index_librispeech(data_args.librispeech_dir, split, report)
     read = {}
     for flag, manifest in (("train_manifest", data_args.train_manifest), ("eval_manifest", data_args.eval_manifest)):
-        if manifest and not os.path.isfile(manifest):
-            raise FileNotFoundError(f"--{flag} {manifest}: {'a folder' if os.path.isdir(manifest) else 'no such file'}"
-                                    "; pass a JSON-lines file, one {\"audio\": path, \"text\": ...} per line")
+        if manifest and corpus.listing_problem(manifest):
+            raise FileNotFoundError(f"--{flag} {manifest}: {corpus.listing_problem(manifest)}; pass a JSON-lines file, "
+                                    "one {\"audio\": path, \"text\": ...} per line")
         if manifest:
             read[flag] = corpus.read_manifest(manifest, report)
             if not read[flag]:

@@ -179,6 +179,10 @@ class SlamASRConfig:
             value = getattr(self, name)
             if not isinstance(value, str) and not (name == "prompt_template" and value is None):
                 raise ValueError(f"{name} must be a string, got {value!r}")
+        for name in ("encoder", "llm"):
+            # saved with the adapter: a relative folder would name another place from another working directory
+            if os.path.isdir(getattr(self, name)) and not os.path.isabs(getattr(self, name)):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
         count = 1 if self.prompt_template is None else self.prompt_template.count(SPEECH_PLACEHOLDER)
         if count != 1:
             raise ValueError(

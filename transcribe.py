@@ -35,7 +35,7 @@ from transformers import GenerationConfig
 import corpus
 import inference
 from audio import DataError, audio_duration, read_audio
-from backbones import load_backbones
+from backbones import load_backbones, missing_folder
 from decoding import DecodingBounds, decoding_name, with_overrides
 from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
 from processor import LANGUAGE_SLOT, write_text_atomic
@@ -115,8 +115,8 @@ def parse_args(argv=None):
 
     def check_file(flag):
         path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            p.error(f"--{flag} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+        if path and corpus.listing_problem(path):
+            p.error(f"--{flag} {path}: {corpus.listing_problem(path)}")
 
     if args.rescore:
         given = [f"--{name}" for name in ("adapter", "output", "manifest", "librispeech_dir", "resume", "overwrite")
@@ -132,6 +132,9 @@ def parse_args(argv=None):
     if not (args.inputs or args.manifest or args.librispeech_dir):
         p.error("give audio files or folders, --manifest, or --librispeech_dir")
     check_file("manifest")
+    for flag in ("encoder", "llm"):
+        if missing_folder(getattr(args, flag)):
+            p.error(f"--{flag} {missing_folder(getattr(args, flag))}")
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1 (got {args.batch_size})")
     try:  # the decoding flags, checked as they will be applied

@@ -281,3 +281,19 @@ def test_meta_backbones_hold_no_weights():
     assert real == ["masked_spec_embed"]
     assert sum(p.numel() for p in llm.parameters()) == 1_100_048_384  # TinyLlama-1.1B
     assert {p.dtype for p in llm.parameters()} == {torch.float16}
+
+
+def test_a_relative_backbone_folder_is_saved_absolute_and_a_moved_one_is_named(encoder_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(encoder_dirs["wav2vec2"], tmp_path / "work" / "encoder")
+    monkeypatch.chdir(tmp_path / "work")
+    model = SlamASR.from_config(SlamASRConfig(encoder="encoder", llm="tiny"))  # as `--encoder encoder` gives it
+    assert model.config.encoder == str(tmp_path / "work" / "encoder")
+    model.save_adapter(tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)  # transcribing from another working directory
+    assert SlamASR.load_adapter(str(tmp_path / "adapter")).config.encoder == str(tmp_path / "work" / "encoder")
+    shutil.move(tmp_path / "work" / "encoder", tmp_path / "moved")
+    with pytest.raises(OSError, match=r"speech encoder: .*work/encoder is no folder here .*--encoder") as error:
+        SlamASR.load_adapter(str(tmp_path / "adapter"))
+    assert "hf download" not in str(error.value) and "\n" not in str(error.value)

@@ -502,7 +502,9 @@ def test_a_saved_config_of_the_wrong_type_is_refused_by_field(tmp_path):
      "language 'German' .* is not one of languages"),
     (["--train_manifest", "MIXED"], r'2 of 3 lines name no "language" while the others do'),
     (["--train_manifest", "/nonexistent/m.jsonl"], "--train_manifest /nonexistent/m.jsonl: no such file; pass a JSON"),
-    (["--train_manifest", str(FIXTURE)], "--train_manifest .*: a folder; pass a JSON-lines file"),
+    (["--train_manifest", str(FIXTURE)], "--train_manifest .*: a folder, not a file; pass a JSON-lines file"),
+    (["--encoder", "/nonexistent/hubert"], "--encoder /nonexistent/hubert: no such folder"),  # not `hf download` it
+    (["--llm", "./tinyllama"], r"--llm \./tinyllama: no such folder"),
 ])
 def test_data_sources_are_checked_before_any_model_loads(tmp_path, monkeypatch, args, refusal):
     if "MIXED" in args:  # a manifest of which one line names its language

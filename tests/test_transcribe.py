@@ -411,6 +411,7 @@ def test_aiff_and_au_are_transcribed_and_other_files_counted(adapter_dir, tmp_pa
     (["--adapter", "x", "--manifest", "/nonexistent/m.jsonl"], "--manifest /nonexistent/m.jsonl: no such file"),
     (["--rescore", "/nonexistent/p.jsonl"], "--rescore /nonexistent/p.jsonl: no such file"),
     (["--rescore", "/"], "--rescore /: a folder, not a file"),
+    (["--adapter", "x", "a.flac", "--encoder", "/nonexistent/hubert"], "--encoder /nonexistent/hubert: no such folder"),
 ])
 def test_a_missing_manifest_or_rescore_file_is_refused_by_its_flag(args, refusal, capsys):
     # was Python's own "[Errno 2] No such file or directory", without the flag
