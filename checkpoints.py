@@ -58,8 +58,14 @@ def hold_output_dir(output_dir, holder=True):
     if not holder:
         yield
         return
-    os.makedirs(output_dir, exist_ok=True)
-    folder = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        folder = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:  # a user's path: one line that says what is wrong with it, not errno's words alone
+        what = ("a file, not a folder" if os.path.isfile(output_dir) else
+                "a part of the path is a file, not a folder" if isinstance(e, (NotADirectoryError, FileExistsError))
+                else f"cannot be created here ({e.strerror})")
+        raise OSError(f"--output_dir {output_dir}: {what}; choose another place") from None
     info = os.path.join(output_dir, LOCK_NAME)
     try:
         try:
@@ -71,8 +77,12 @@ def hold_output_dir(output_dir, holder=True):
         except OSError as e:  # a filesystem without locks (some network mounts): warn, do not refuse to train
             logger.warning(f"cannot lock {output_dir} ({e}): nothing stops a second run from writing into it")
         else:
-            write_text_atomic(info, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            try:  # the run's first write there: a read-only mount or another user's folder says so now
+                write_text_atomic(info, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            except OSError as e:
+                raise OSError(f"--output_dir {output_dir}: cannot write in it ({e.strerror}); choose another "
+                              "place") from None
         yield
     finally:
         os.close(folder)

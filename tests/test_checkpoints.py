@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import NO_EVAL, adapter_weights, run_script, tiny_args
 
+import checkpoints
 import finetune
 import trainer
 from checkpoints import COMPLETE_MARKER, find_checkpoints, resolve_resume
@@ -183,6 +184,24 @@ def test_the_lock_holds_when_its_file_is_removed(tmp_path):
         os.remove(out / ".finetune.lock")  # a stray rm, or a cleanup script
         with pytest.raises(RuntimeError, match=f"{out} is in use by another run"):
             finetune.main(tiny_args(out, *NO_EVAL, steps=2))
+
+
+@pytest.mark.parametrize("place, refusal", [
+    ("FILE", "a file, not a folder"),
+    ("FILE/out", "a part of the path is a file, not a folder"),
+    ("READ_ONLY", r"cannot write in it \(Read-only file system\)"),
+])
+def test_an_output_dir_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, place, refusal):
+    # were errno's words alone ("[Errno 17] File exists: ..."), without the flag or what to do
+    (tmp_path / "FILE").write_text("notes")
+    if place == "READ_ONLY":  # root writes through any mode bits here: the mount's refusal, as the kernel gives it
+        def read_only(path, text):
+            raise OSError(30, "Read-only file system", path)
+        monkeypatch.setattr(checkpoints, "write_text_atomic", read_only)
+    monkeypatch.setattr(finetune.SlamASR, "from_config", lambda *a, **k: pytest.fail("a model loaded first"))
+    out = tmp_path / place
+    with pytest.raises(OSError, match=f"^--output_dir {out}: {refusal}; choose another place$"):
+        finetune.main(tiny_args(out, *NO_EVAL, steps=2))
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(trained, tmp_path, caplog):
