@@ -65,8 +65,16 @@ def collect_inputs(args):
     return records, report
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, with a mistake answered by the line that names it, not after the 16 lines of usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrors(prog="transcribe.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="audio files (wav/flac/ogg/mp3/aiff/au..., any rate and channel count) "
                    "or folders")
     p.add_argument("--adapter", help="adapter folder written by finetune.py or save_adapter, or a hub repo id holding "
@@ -148,6 +156,10 @@ def parse_args(argv=None):
     problem = output_problem(args)
     if problem:
         p.error(problem)
+    missing = [item for item in args.inputs if not os.path.lexists(item)]
+    if missing:  # a typo in a path, found in a second, not after the backbones load
+        p.error(f"{missing[0]}: no such file or folder" + (f" (and {len(missing) - 1} more missing)"
+                                                             if len(missing) > 1 else ""))
     return args
 
 

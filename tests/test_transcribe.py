@@ -123,6 +123,8 @@ def test_manifest_and_over_long_audio(adapter_dir, tmp_path, capsys):
     ("output is a folder", ["--output", "{tmp}"], "is a folder"),
     ("existing output", [], "exists and is not empty: --resume continues it"),
     ("both", ["--resume", "--overwrite"], "not allowed with argument"),
+    ("missing input", ["--overwrite", "{tmp}/typo.flac", "{tmp}/also.wav"],
+     "typo.flac: no such file or folder (and 1 more missing)"),
 ])
 def test_arguments_are_checked_before_anything_loads(tmp_path, capsys, case, extra, message):
     manifest, out = tmp_path / "m.jsonl", tmp_path / "o.jsonl"
@@ -132,7 +134,9 @@ def test_arguments_are_checked_before_anything_loads(tmp_path, capsys, case, ext
     argv += [a.format(manifest=manifest, tmp=tmp_path) for a in extra]  # a later --output wins
     with pytest.raises(SystemExit) as e:
         transcribe.main(argv)  # the adapter does not exist: a check made after loading would fail otherwise
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err
+    assert err.count("\n") == 1 and err.endswith("(transcribe.py --help lists the options)\n")  # no usage block
     assert out.read_text() == '{"path": "earlier.flac", "text": "kept"}\n'
     assert json.loads(manifest.read_text())["audio"].endswith("1001-2001-0000.flac")
 
