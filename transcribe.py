@@ -20,8 +20,11 @@ path already has a line in --output and appends the rest; an existing non-empty 
 input is one utterance.
 """
 
-import argparse
 import gc
+
+if __name__ == "__main__":
+    gc.disable()  # no garbage collection during the imports: why, in finetune.py
+import argparse
 import json
 import os
 import sys
@@ -40,6 +43,10 @@ from decoding import DecodingBounds, decoding_name, with_overrides
 from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
 from processor import LANGUAGE_SLOT, write_text_atomic
 from text import WER_NORMALIZERS, wer_line, word_error_rate
+
+if __name__ == "__main__":
+    gc.freeze()  # what the imports made: no later collection walks it; the run itself collects as usual
+    gc.enable()
 
 # what soundfile (libsndfile) decodes, by file name; other files in a folder are counted as skipped
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd", ".caf",

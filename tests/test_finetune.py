@@ -122,20 +122,21 @@ def test_two_process_data_parallel_run(tmp_path):
     assert shards == {"rank0", "rank1"}  # each rank encoded its share of the training clips
 
 
-def test_as_a_script_it_collects_garbage_again_once_its_imports_are_done(monkeypatch, capsys):
+@pytest.mark.parametrize("script, flag", [("finetune.py", "--feature_cache"), ("transcribe.py", "--chunk_seconds")])
+def test_as_a_script_it_collects_garbage_again_once_its_imports_are_done(monkeypatch, capsys, script, flag):
     # the script imports with garbage collection off (start-up), then freezes what the imports made: the run
     # itself must collect as usual, or every reference cycle it makes would stay for good
     import gc
     import runpy
-    monkeypatch.setattr(sys, "argv", ["finetune.py", "--help"])  # exits in the argument parsing, after the imports
+    monkeypatch.setattr(sys, "argv", [script, "--help"])  # exits in the argument parsing, after the imports
     try:
         with pytest.raises(SystemExit):
-            runpy.run_path(str(ROOT / "finetune.py"), run_name="__main__")
+            runpy.run_path(str(ROOT / script), run_name="__main__")
         assert gc.isenabled() and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
         gc.enable()
-    assert "--feature_cache" in capsys.readouterr().out
+    assert flag in capsys.readouterr().out
 
 
 def hub_source(hub_copy, *extra):
