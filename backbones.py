@@ -31,21 +31,25 @@ def load_pretrained(what, name, fn, **kwargs):
     hub_logging.set_verbosity_error()  # its retry warnings would bury the one line below
     try:
         return fn(name, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a folder without a config's model_type, a tokenizer without its files
         reason = " ".join(str(e).split())
         if os.path.isdir(name):
             raise OSError(f"could not load the {what} from the folder {name}: {reason}") from None
+        if not isinstance(e, OSError):
+            raise
         if is_a_path(name):
-            raise OSError(f"could not load the {what}: {name} is no folder here (a path, not a hub repo id). Point at "
-                          "where it is now; an adapter names the folders it was trained with, and transcribe.py "
-                          "--encoder/--llm (SlamASR.load_adapter(encoder=..., llm=...)) load them from another place"
-                          ) from None
+            raise OSError(f"could not load the {what}: {name} is no folder here (a path, not a hub repo id"
+                          f"{'' if os.path.isabs(name) else f'; relative to the working directory, {os.getcwd()}'}). "
+                          "Point at where it is now; an adapter names the folders it was trained with as they were "
+                          "typed, and transcribe.py --encoder/--llm (SlamASR.load_adapter(encoder=..., llm=...)) load "
+                          "them from another place") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         raise OSError(
             f"could not load the {what} {name!r} ({reason}). "
             + ("HF_HUB_OFFLINE is set and the hub cache lacks it: " if offline else "If this machine is offline, ")
             + f"download it where there is a network (`hf download {name}`) and pass its local folder instead, or "
-            "point HF_HOME at a cache that holds it.") from None
+            "point HF_HOME at a cache that holds it"
+            + (f"; as a local folder it is not at {os.path.abspath(name)} either." if "/" in name else ".")) from None
     finally:
         hub_logging.set_verbosity(quiet)
 
@@ -58,12 +62,28 @@ def is_a_path(name):
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def normalized_name(name):
+    """A backbone name in one spelling: a local path with `~` expanded, without a trailing slash or doubled
+    separators (`models//enc/` is `models/enc`); a hub repo id and `tiny` as they are. Relative paths stay
+    relative, and one that starts with `./` keeps it (`./enc` is a path, `enc` could be a hub repo)."""
+    import os
+
+    expanded = os.path.expanduser(name)
+    if name == TINY or not (is_a_path(name) or os.path.isdir(expanded)):
+        return name
+    path = os.path.normpath(expanded)
+    return f"./{path}" if name.startswith("./") and not path.startswith((".", "/")) else path  # still a path
+
+
 def missing_folder(name):
     """What is wrong with a backbone name that can only be a local folder and is none, or None: said before
     anything loads."""
     import os
 
-    if name and is_a_path(name) and not os.path.isdir(name):
+    path = os.path.expanduser(name or "")
+    if name and name != TINY and os.path.isfile(path):
+        return f"{name}: a file, not a folder; pass the folder that holds its config.json"
+    if name and is_a_path(name) and not os.path.isdir(path):
         return f"{name}: no such folder (a local path; a hub repo id is NAME or OWNER/NAME)"
     return None
 

@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 
 import inference
 from audio import MIN_AUDIO_SAMPLES, SAMPLE_RATE
-from backbones import encoder_kind, load_backbones
+from backbones import encoder_kind, load_backbones, normalized_name
 from decoding import BOUNDS_NAME, DecodingBounds, with_overrides
 from processor import (
     LANGUAGE_SLOT,
@@ -180,9 +180,10 @@ class SlamASRConfig:
             if not isinstance(value, str) and not (name == "prompt_template" and value is None):
                 raise ValueError(f"{name} must be a string, got {value!r}")
         for name in ("encoder", "llm"):
-            # saved with the adapter: a relative folder would name another place from another working directory
-            if os.path.isdir(getattr(self, name)) and not os.path.isabs(getattr(self, name)):
-                setattr(self, name, os.path.abspath(getattr(self, name)))
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} is empty: name a hub repo, a local folder, or 'tiny'")
+            # as typed, so that a run resumes from a copied or moved work tree, in one spelling: `enc/` is `enc`
+            setattr(self, name, normalized_name(getattr(self, name)))
         count = 1 if self.prompt_template is None else self.prompt_template.count(SPEECH_PLACEHOLDER)
         if count != 1:
             raise ValueError(

@@ -38,7 +38,7 @@ from transformers import GenerationConfig
 import corpus
 import inference
 from audio import DataError, audio_duration, read_audio
-from backbones import load_backbones, missing_folder
+from backbones import load_backbones, missing_folder, normalized_name
 from decoding import DecodingBounds, decoding_name, with_overrides
 from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
 from processor import LANGUAGE_SLOT, write_text_atomic
@@ -150,6 +150,8 @@ def parse_args(argv=None):
     for flag in ("encoder", "llm"):
         if missing_folder(getattr(args, flag)):
             p.error(f"--{flag} {missing_folder(getattr(args, flag))}")
+        if getattr(args, flag):
+            setattr(args, flag, normalized_name(getattr(args, flag)))
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1 (got {args.batch_size})")
     try:  # the decoding flags, checked as they will be applied
@@ -248,9 +250,14 @@ def load_model(args):
     """The adapter's model, with --encoder/--llm as the backbones where given and the decoding flags given."""
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else None)
     adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
+    config_path = Path(adapter) / CONFIG_NAME  # missing: load_adapter says what an adapter folder holds
+    config = SlamASRConfig.from_json_file(config_path) if config_path.is_file() else None
+    for flag in ("encoder", "llm"):  # both named folders exist, before either backbone loads
+        problem = config and not getattr(args, flag) and missing_folder(getattr(config, flag))
+        if problem:
+            raise OSError(f"--adapter {args.adapter} names its {flag} {problem}; pass --{flag} with where it is now")
     backbones = {}
     if args.encoder or args.llm:
-        config = SlamASRConfig.from_json_file(Path(adapter) / CONFIG_NAME)
         config.encoder, config.llm = args.encoder or config.encoder, args.llm or config.llm
         encoder, llm, tokenizer, feature_extractor = load_backbones(config, dtype,
                                                                     attn_implementation=args.attn_implementation)

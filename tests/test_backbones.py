@@ -283,17 +283,30 @@ def test_meta_backbones_hold_no_weights():
     assert {p.dtype for p in llm.parameters()} == {torch.float16}
 
 
-def test_a_relative_backbone_folder_is_saved_absolute_and_a_moved_one_is_named(encoder_dirs, tmp_path, monkeypatch):
+def test_a_backbone_folder_is_kept_as_typed_in_one_spelling_and_a_moved_one_is_named(encoder_dirs, tmp_path,
+                                                                                     monkeypatch):
     import shutil
 
     shutil.copytree(encoder_dirs["wav2vec2"], tmp_path / "work" / "encoder")
     monkeypatch.chdir(tmp_path / "work")
-    model = SlamASR.from_config(SlamASRConfig(encoder="encoder", llm="tiny"))  # as `--encoder encoder` gives it
-    assert model.config.encoder == str(tmp_path / "work" / "encoder")
+    model = SlamASR.from_config(SlamASRConfig(encoder="./encoder/", llm="tiny"))  # tab completion's slash
+    assert model.config.encoder == "./encoder"  # relative, as typed: a copied or moved work tree still resumes
     model.save_adapter(tmp_path / "adapter")
-    monkeypatch.chdir(tmp_path)  # transcribing from another working directory
-    assert SlamASR.load_adapter(str(tmp_path / "adapter")).config.encoder == str(tmp_path / "work" / "encoder")
-    shutil.move(tmp_path / "work" / "encoder", tmp_path / "moved")
-    with pytest.raises(OSError, match=r"speech encoder: .*work/encoder is no folder here .*--encoder") as error:
+    assert SlamASR.load_adapter(str(tmp_path / "adapter")).config.encoder == "./encoder"
+    monkeypatch.chdir(tmp_path)  # from another working directory: the folder is named, and where it was looked for
+    with pytest.raises(OSError, match=r"speech encoder: \./encoder is no folder here .*relative to the working "
+                                      rf"directory, {tmp_path}\).*--encoder") as error:
         SlamASR.load_adapter(str(tmp_path / "adapter"))
     assert "hf download" not in str(error.value) and "\n" not in str(error.value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert SlamASRConfig(encoder="~/work/encoder", llm="tiny").encoder == str(tmp_path / "work" / "encoder")
+    with pytest.raises(ValueError, match="encoder is empty"):
+        SlamASRConfig(encoder="", llm="tiny")
+
+
+def test_a_folder_named_tiny_does_not_replace_the_tiny_backbones(tmp_path, monkeypatch):
+    # `--output_dir tiny` makes ./tiny before the model config is copied with replace(): it was read as a path then
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert SlamASRConfig(encoder="tiny", llm="tiny").encoder == "tiny"
+    assert SlamASR.from_config(SlamASRConfig(encoder="tiny", llm="tiny", adapter_hidden=8)).config.llm == "tiny"

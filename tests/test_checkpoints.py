@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +203,23 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_naming_it(tmp_path, mo
     out = tmp_path / place
     with pytest.raises(OSError, match=f"^--output_dir {out}: {refusal}; choose another place$"):
         finetune.main(tiny_args(out, *NO_EVAL, steps=2))
+
+
+def test_a_run_resumes_from_a_copied_work_tree_and_into_an_output_dir_named_tiny(tmp_path, monkeypatch):
+    # the backbone folders are saved as typed (relative here): a tree copied or moved, or mounted elsewhere on
+    # another node, still resumes; `--output_dir tiny` (a folder named as the tiny backbones) is no backbone
+    world = Path(__file__).parent / "fixtures" / "world"
+    shutil.copytree(world / "encoder", tmp_path / "first" / "backbones" / "encoder")
+    monkeypatch.chdir(tmp_path / "first")
+    args = [*tiny_args("tiny", *NO_EVAL, steps=2), "--encoder", "backbones/encoder", "--save_steps", "2"]
+    assert finetune.main(args) == 0
+    shutil.copytree(tmp_path / "first", tmp_path / "second")
+    shutil.rmtree(tmp_path / "first")
+    monkeypatch.chdir(tmp_path / "second")
+    resumed = [*tiny_args("tiny", *NO_EVAL, "--resume_from_checkpoint", "last", steps=3), "--encoder",
+               "backbones/encoder/"]  # tab completion's slash: the same folder
+    assert finetune.main(resumed) == 0
+    assert find_checkpoints("tiny")[0] == ["tiny/checkpoint-2", "tiny/checkpoint-3"]
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(trained, tmp_path, caplog):

@@ -506,6 +506,8 @@ def test_a_saved_config_of_the_wrong_type_is_refused_by_field(tmp_path):
     (["--train_manifest", str(FIXTURE)], "--train_manifest .*: a folder, not a file; pass a JSON-lines file"),
     (["--encoder", "/nonexistent/hubert"], "--encoder /nonexistent/hubert: no such folder"),  # not `hf download` it
     (["--llm", "./tinyllama"], r"--llm \./tinyllama: no such folder"),
+    (["--encoder", str(FIXTURE / "train-clean-100" / "1001" / "2001" / "1001-2001.trans.txt")],
+     "--encoder .*1001-2001.trans.txt: a file, not a folder; pass the folder that holds its config.json"),
 ])
 def test_data_sources_are_checked_before_any_model_loads(tmp_path, monkeypatch, args, refusal):
     if "MIXED" in args:  # a manifest of which one line names its language

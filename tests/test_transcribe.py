@@ -1,15 +1,17 @@
 """Batch inference and scoring from the command line (transcribe.py)."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from conftest import FIXTURE, returns_within, spliced_recording
+from conftest import FIXTURE, ROOT, returns_within, spliced_recording
 
 import transcribe
 from audio import quiet_cuts, read_audio
+from model import CONFIG_NAME
 
 TRAIN = FIXTURE / "train-clean-100"
 
@@ -429,3 +431,15 @@ def test_a_cuda_device_without_cuda_is_refused_before_loading(capsys, monkeypatc
     with pytest.raises(SystemExit):
         transcribe.parse_args(["--adapter", "x", "a.flac", "--device", "cuda"])
     assert "torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
+
+
+def test_an_adapter_whose_backbone_folder_has_moved_is_refused_before_either_loads(tmp_path, monkeypatch):
+    # was: the encoder loaded, then the LLM's folder was found missing
+    shutil.copytree(ROOT / "tests" / "fixtures" / "world" / "adapter", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    (tmp_path / "adapter" / CONFIG_NAME).write_text(json.dumps({**config, "llm": "/moved/away/llm"}))
+    monkeypatch.setattr(transcribe, "load_backbones", lambda *a, **k: pytest.fail("a backbone loaded first"))
+    monkeypatch.setattr(transcribe.SlamASR, "load_adapter", lambda *a, **k: pytest.fail("a backbone loaded first"))
+    args = transcribe.parse_args(["--adapter", str(tmp_path / "adapter"), str(TRAIN / "1001/2001/1001-2001-0000.flac")])
+    with pytest.raises(OSError, match=r"names its llm /moved/away/llm: no such folder .*; pass --llm with where"):
+        transcribe.load_model(args)
