@@ -62,10 +62,7 @@ def hold_output_dir(output_dir, holder=True):
         os.makedirs(output_dir, exist_ok=True)
         folder = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:  # a user's path: one line that says what is wrong with it, not errno's words alone
-        what = ("a file, not a folder" if os.path.isfile(output_dir) else
-                "a part of the path is a file, not a folder" if isinstance(e, (NotADirectoryError, FileExistsError))
-                else f"cannot be created here ({e.strerror})")
-        raise OSError(f"--output_dir {output_dir}: {what}; choose another place") from None
+        raise OSError(f"--output_dir {output_dir}: {output_dir_problem(output_dir, e)}; choose another place") from None
     info = os.path.join(output_dir, LOCK_NAME)
     try:
         try:
@@ -86,6 +83,21 @@ def hold_output_dir(output_dir, holder=True):
         yield
     finally:
         os.close(folder)
+
+
+def output_dir_problem(output_dir, error):
+    """What `error` (from making or opening output_dir) says of the path, in words."""
+    if not output_dir:
+        return "empty"
+    if os.path.islink(output_dir) and not os.path.exists(output_dir):
+        return f"a symbolic link to {os.readlink(output_dir)}, which does not exist"
+    if os.path.isfile(output_dir):
+        return "a file, not a folder"
+    if os.path.lexists(output_dir):
+        return "exists and is not a folder (a pipe, a device or a socket)"
+    if isinstance(error, (NotADirectoryError, FileExistsError)):
+        return "a part of the path is a file, not a folder"
+    return f"cannot be created here ({error.strerror})"
 
 
 def find_checkpoints(output_dir):
@@ -205,6 +217,9 @@ def resolve_resume(training_args, config):
             raise ValueError(f"--resume_from_checkpoint {resume}: no intact checkpoint in {training_args.output_dir} "
                              f"({'; '.join(skipped)})")
         resume = path
+    elif not os.path.isdir(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume}: {'a file' if os.path.exists(resume) else 'no such folder'}"
+                         f"; pass a checkpoint-N folder, or `last` for the newest intact one in --output_dir")
     elif not checkpoint_is_complete(resume):
         raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_MARKER}: the run was killed while "
                          "saving it, or it is not a checkpoint folder); resume from an earlier one")

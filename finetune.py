@@ -370,10 +370,18 @@ def validate_args(data_args, training_args):
         says = f"--{asked}" if asked != "no" else "runs in float32"
         raise ValueError(f"accelerate launch --mixed_precision {launched}, but finetune.py {says}: say one precision "
                          "(script.sh: PRECISION=fp16, bf16 or no)")
-    if data_args.max_batch_seconds is not None:
-        if data_args.max_batch_seconds <= 0 or data_args.group_by_length:
-            raise ValueError("--max_batch_seconds must be positive, and already groups by duration: drop "
-                             "--group_by_length")
+    if data_args.max_batch_seconds is not None and data_args.max_batch_seconds <= 0:
+        raise ValueError(f"--max_batch_seconds {data_args.max_batch_seconds:g}: must be > 0 (padded audio seconds "
+                         "per batch and GPU)")
+    if data_args.max_batch_seconds is not None and data_args.group_by_length:
+        raise ValueError("--max_batch_seconds already groups clips by duration: drop --group_by_length")
+    if training_args.save_only_model:  # Trainer then writes no optimizer, scheduler nor RNG state
+        raise ValueError("--save_only_model: its checkpoints cannot be resumed (a preempted run could not go on), "
+                         "and here they hold only the adapter anyway, with its small optimizer state: drop it")
+    if data_args.feature_cache and os.path.lexists(data_args.feature_cache) and not os.path.isdir(
+            data_args.feature_cache):
+        raise ValueError(f"--feature_cache {data_args.feature_cache}: exists and is not a folder; name a folder "
+                         "(it is created)")
     if training_args.push_to_hub:
         from huggingface_hub import get_token
 

@@ -191,10 +191,14 @@ def test_the_lock_holds_when_its_file_is_removed(tmp_path):
     ("FILE", "a file, not a folder"),
     ("FILE/out", "a part of the path is a file, not a folder"),
     ("READ_ONLY", r"cannot write in it \(Read-only file system\)"),
+    ("DANGLING", r"a symbolic link to .*nowhere, which does not exist"),
+    ("PIPE", r"exists and is not a folder \(a pipe, a device or a socket\)"),
 ])
 def test_an_output_dir_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, place, refusal):
     # were errno's words alone ("[Errno 17] File exists: ..."), without the flag or what to do
     (tmp_path / "FILE").write_text("notes")
+    (tmp_path / "DANGLING").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "PIPE")
     if place == "READ_ONLY":  # root writes through any mode bits here: the mount's refusal, as the kernel gives it
         def read_only(path, text):
             raise OSError(30, "Read-only file system", path)
@@ -220,6 +224,16 @@ def test_a_run_resumes_from_a_copied_work_tree_and_into_an_output_dir_named_tiny
                "backbones/encoder/"]  # tab completion's slash: the same folder
     assert finetune.main(resumed) == 0
     assert find_checkpoints("tiny")[0] == ["tiny/checkpoint-2", "tiny/checkpoint-3"]
+
+
+@pytest.mark.parametrize("resume, refusal", [("/nonexistent/checkpoint-4", "no such folder"),
+                                             ("FILE", "a file"), ("false", "no such folder")])
+def test_a_resume_path_that_is_no_folder_is_named_so(tmp_path, resume, refusal):
+    # was: "... is not a complete checkpoint (no checkpoint_complete.json: the run was killed while saving it ...)"
+    (tmp_path / "FILE").write_text("notes")
+    resume = str(tmp_path / "FILE") if resume == "FILE" else resume
+    with pytest.raises(ValueError, match=f"--resume_from_checkpoint {resume}: {refusal}; pass a checkpoint-N folder"):
+        finetune.main(tiny_args(tmp_path / "out", *NO_EVAL, "--resume_from_checkpoint", resume, steps=2))
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(trained, tmp_path, caplog):

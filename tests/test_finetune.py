@@ -508,6 +508,11 @@ def test_a_saved_config_of_the_wrong_type_is_refused_by_field(tmp_path):
     (["--llm", "./tinyllama"], r"--llm \./tinyllama: no such folder"),
     (["--encoder", str(FIXTURE / "train-clean-100" / "1001" / "2001" / "1001-2001.trans.txt")],
      "--encoder .*1001-2001.trans.txt: a file, not a folder; pass the folder that holds its config.json"),
+    (["--librispeech_dir", str(FIXTURE), "--max_batch_seconds", "0"], "--max_batch_seconds 0: must be > 0"),
+    (["--librispeech_dir", str(FIXTURE), "--save_only_model"], "--save_only_model: its checkpoints cannot be resumed"),
+    (["--librispeech_dir", str(FIXTURE), "--feature_cache", str(FIXTURE / "train-clean-100" / "1001" / "2001" /
+                                                               "1001-2001.trans.txt")],
+     "--feature_cache .*: exists and is not a folder"),  # was errno's words, after both backbones loaded
 ])
 def test_data_sources_are_checked_before_any_model_loads(tmp_path, monkeypatch, args, refusal):
     if "MIXED" in args:  # a manifest of which one line names its language
