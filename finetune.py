@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import types
@@ -247,9 +248,15 @@ def read_args_file(path):
     """The mapping in a JSON or YAML args file, or one line that names the file and what is wrong."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        """YAML 1.1, but with 1e-4 a number as in YAML 1.2 and JSON: PyYAML reads it as the string '1e-4', and
+        learning rates are written so (the HF examples' YAML files do)."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
     try:
         with open(path, encoding="utf-8") as f:
-            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+            values = json.load(f) if path.endswith(".json") else yaml.load(f, Loader=Loader)  # noqa: S506 (safe)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:  # json's errors are ValueErrors
         raise ValueError(f"{path} cannot be read as {'JSON' if path.endswith('.json') else 'YAML'}: "
                          f"{' '.join(str(e).split())}") from None

@@ -377,6 +377,11 @@ def test_an_args_file_gets_the_same_defaults_as_the_command_line(tmp_path):
     assert data_args.eval_split == "dev-clean" and training_args.do_eval and not training_args.remove_unused_columns
     # arguments after the file override it
     assert finetune.arguments([str(tmp_path / "args.yaml"), "--max_steps", "7"])[3].max_steps == 7
+    # a learning rate as people write it: PyYAML alone reads 1e-4 as a string (then refused as not a number)
+    (tmp_path / "lr.yaml").write_text(yaml.safe_dump(values) + "learning_rate: 3e-4\nwarmup_steps: 1E+2\n")
+    training_args = finetune.arguments([str(tmp_path / "lr.yaml")])[3]
+    assert training_args.learning_rate == 3e-4 and training_args.warmup_steps == 100
+    assert finetune.read_args_file(str(tmp_path / "lr.yaml"))["lr_scheduler_type"] == "cosine"  # strings stay
     (tmp_path / "typo.json").write_text(json.dumps({**values, "learning_rat": 1e-3}))
     with pytest.raises(ValueError, match=r"typo.json: unknown arguments \['learning_rat'\]"):
         finetune.arguments([str(tmp_path / "typo.json")])
