@@ -212,9 +212,10 @@ def input_keys(paths):
         yield resolved, seen[resolved]
 
 
-def read_output(path, adapter):
+def read_output(path, adapter, decoded=None):
     """The lines already in --output, for --resume. A last line without its newline was cut short by a kill: it
-    is removed (its input is transcribed again). Lines another adapter wrote are refused: they would be mixed in."""
+    is removed (its input is transcribed again). Lines another adapter wrote, or another decoding (`decoded`, as
+    decoding_identity gives it), are refused: they would be mixed in, and scored under this run's name."""
     if not os.path.exists(path):
         return []
     text = Path(path).read_text(encoding="utf-8")
@@ -236,6 +237,9 @@ def read_output(path, adapter):
         if row.get("adapter", adapter) != adapter:
             raise SystemExit(f"{path}:{lineno} was written with the adapter {row['adapter']}, this run's is {adapter}: "
                              "resume with that adapter, or write to another --output")
+        if decoded is not None and row.get("decoding", decoded) != decoded:  # lines of before this key: as adapter
+            raise SystemExit(f"{path}:{lineno} was decoded with {row['decoding']}, this run with {decoded}: resume "
+                             "with the same decoding flags, or write to another --output")
         rows.append(row)
     return rows
 
@@ -286,6 +290,17 @@ def decoding(args, model=None):
     return decoding_name(generation_config.num_beams)
 
 
+def decoding_identity(args):
+    """How this run decodes, as --output's lines record it: the adapter's saved options with the flags given,
+    each option that changes a hypothesis."""
+    adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
+    saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
+        GenerationConfig())
+    generation_config, bounds = decoding_options(args, saved, DecodingBounds.load(adapter))
+    return (f"{decoding_name(generation_config.num_beams)}, max_new_tokens {generation_config.max_new_tokens}, "
+            f"max_new_tokens_per_second {bounds.max_new_tokens_per_second:g}, stop_repeats {bounds.stop_repeats}")
+
+
 def clip(record, sampling_rate, max_duration=None):
     """The inference.Clip of one input: its header's duration, or why it cannot be transcribed."""
     try:
@@ -297,8 +312,8 @@ def clip(record, sampling_rate, max_duration=None):
     return inference.Clip(seconds, partial(read_audio, record.path, sampling_rate), language=record.language)
 
 
-def output_row(record, transcript, adapter):
-    row = {"path": record.path, "adapter": adapter}
+def output_row(record, transcript, adapter, decoded):
+    row = {"path": record.path, "adapter": adapter, "decoding": decoded}
     if record.language is not None:
         row["language"] = record.language  # the line's own, which its prompt named and its score follows
     row.update({"text": transcript.text} if transcript.error is None else {"error": transcript.error})
@@ -393,7 +408,8 @@ def main(argv=None):
     if not records:
         print("nothing to transcribe", file=sys.stderr)
         return 1
-    rows = read_output(args.output, adapter_identity(args)) if args.resume else []
+    decoded = decoding_identity(args)
+    rows = read_output(args.output, adapter_identity(args), decoded) if args.resume else []
     done = set(input_keys(row["path"] for row in rows))
     todo = [r for r, key in zip(records, input_keys(r.path for r in records)) if key not in done]
     if args.resume:
@@ -405,7 +421,7 @@ def main(argv=None):
         model = load_model(args)
         out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
         def write(index, transcript):
-            rows.append(output_row(todo[index], transcript, adapter_identity(args)))
+            rows.append(output_row(todo[index], transcript, adapter_identity(args), decoded))
             out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
             out.flush()
 

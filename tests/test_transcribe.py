@@ -252,7 +252,7 @@ def test_a_five_minute_file_is_one_line_of_its_windows_joined(adapter_dir, five_
     rows = read_lines(out)
     assert [r["path"] for r in rows] == [str(p) for p in [*short[:4], path, *short[4:]]]  # input order
     row = rows[4]
-    assert set(row) == {"path", "adapter", "text", "reference", "cuts"}
+    assert set(row) == {"path", "adapter", "decoding", "text", "reference", "cuts"}
     assert "9 of 9 inputs; 0 failed" in err and "; 1 utterances" in err  # the long input scored as one utterance
 
     windows = [end - start for start, end in cuts]
@@ -281,7 +281,8 @@ def test_max_duration_refuses_a_long_file(adapter_dir, five_minutes, tmp_path, c
     out = tmp_path / "o.jsonl"
     code, err = run(["--adapter", str(adapter_dir), str(path), "--max_duration", "60", "--output", str(out)], capsys)
     assert code == 1 and "0 of 1 inputs; 1 failed" in err
-    assert read_lines(out) == [{"path": str(path), "adapter": str(adapter_dir),
+    assert read_lines(out) == [{"path": str(path), "adapter": str(adapter_dir), "decoding": "greedy, max_new_tokens "
+                                "200, max_new_tokens_per_second 15, stop_repeats 4",
                                 "error": "300.0 s is longer than --max_duration 60 s"}]
 
 
@@ -367,8 +368,14 @@ def test_resume_knows_inputs_by_resolved_path_and_place_and_refuses_another_adap
     rows = read_lines(out)
     assert len(rows) == 3 and all(r["adapter"] == os.path.realpath(adapter_dir) for r in rows)
     monkeypatch.chdir(tmp_path)  # the same files under other spellings: a relative folder, then absolute paths
-    code, err = run(["--adapter", str(adapter_dir), "clips", "--output", str(out), "--resume"], capsys)
+    code, err = run(["--adapter", str(adapter_dir), "clips", "--output", str(out), "--resume", "--max_new_tokens", "8"],
+                    capsys)
     assert code == 0 and "2 of 2 inputs to go" not in err and len(read_lines(out)) == 3  # nothing decoded again
+    # lines decoded otherwise would be mixed in and scored under this run's decoding: refused
+    with pytest.raises(SystemExit, match=r"was decoded with greedy, max_new_tokens 8, .* this run with beam search, "
+                                         r"3 beams, max_new_tokens 8"):
+        transcribe.main(["--adapter", str(adapter_dir), "clips", "--output", str(out), "--resume", "--max_new_tokens",
+                         "8", "--num_beams", "3"])
     (tmp_path / "other").mkdir()
     for name in os.listdir(adapter_dir):
         (tmp_path / "other" / name).write_bytes((adapter_dir / name).read_bytes())
