@@ -170,7 +170,10 @@ def listing_problem(path):
     not a file", or None, for the caller to prefix with the flag that named it."""
     if Path(path).is_file():
         return None
-    return "a folder, not a file" if Path(path).is_dir() else "no such file"
+    if Path(path).is_dir():
+        return "a folder, not a file"
+    # a pipe (`<(...)`) is read once, and a manifest may be read twice: a file it must be
+    return "not a regular file (a pipe or a device): write it to a file first" if Path(path).exists() else "no such file"
 
 
 def read_manifest(path, report, require_text=True):

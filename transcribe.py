@@ -406,7 +406,8 @@ def main(argv=None):
     records, report = collect_inputs(args)
     report.log()
     if not records:
-        print("nothing to transcribe", file=sys.stderr)
+        given = [*args.inputs, *filter(None, (args.manifest, args.librispeech_dir))]
+        print(f"nothing to transcribe: no audio file in {', '.join(given)}", file=sys.stderr)
         return 1
     decoded = decoding_identity(args)
     rows = read_output(args.output, adapter_identity(args), decoded) if args.resume else []

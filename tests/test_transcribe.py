@@ -424,6 +424,7 @@ def test_aiff_and_au_are_transcribed_and_other_files_counted(adapter_dir, tmp_pa
     (["--adapter", "x", "--manifest", "/nonexistent/m.jsonl"], "--manifest /nonexistent/m.jsonl: no such file"),
     (["--rescore", "/nonexistent/p.jsonl"], "--rescore /nonexistent/p.jsonl: no such file"),
     (["--rescore", "/"], "--rescore /: a folder, not a file"),
+    (["--adapter", "x", "--manifest", "/dev/null"], "--manifest /dev/null: not a regular file (a pipe or a device)"),
     (["--adapter", "x", "a.flac", "--encoder", "/nonexistent/hubert"], "--encoder /nonexistent/hubert: no such folder"),
 ])
 def test_a_missing_manifest_or_rescore_file_is_refused_by_its_flag(args, refusal, capsys):
@@ -450,3 +451,9 @@ def test_an_adapter_whose_backbone_folder_has_moved_is_refused_before_either_loa
     args = transcribe.parse_args(["--adapter", str(tmp_path / "adapter"), str(TRAIN / "1001/2001/1001-2001-0000.flac")])
     with pytest.raises(OSError, match=r"names its llm /moved/away/llm: no such folder .*; pass --llm with where"):
         transcribe.load_model(args)
+
+
+def test_an_empty_folder_is_nothing_to_transcribe_by_name(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert transcribe.main(["--adapter", "x", str(tmp_path / "empty")]) == 1  # before any adapter is looked for
+    assert f"nothing to transcribe: no audio file in {tmp_path / 'empty'}" in capsys.readouterr().err
