@@ -64,15 +64,16 @@ def is_a_path(name):
 
 def normalized_name(name):
     """A backbone name in one spelling: a local path with `~` expanded, without a trailing slash or doubled
-    separators (`models//enc/` is `models/enc`); a hub repo id and `tiny` as they are. Relative paths stay
-    relative, and one that starts with `./` keeps it (`./enc` is a path, `enc` could be a hub repo)."""
+    separators (`models//enc/` is `./models/enc`: still a path, where `models/enc` could be a hub repo); a hub
+    repo id and `tiny` as they are. Relative paths stay relative (a moved work tree still resumes)."""
     import os
 
     expanded = os.path.expanduser(name)
     if name == TINY or not (is_a_path(name) or os.path.isdir(expanded)):
         return name
     path = os.path.normpath(expanded)
-    return f"./{path}" if name.startswith("./") and not path.startswith((".", "/")) else path  # still a path
+    # still a path: `./enc` and `models/enc/` must not become names the hub (or `tiny`) would answer to
+    return f"./{path}" if path == TINY or not is_a_path(path) and is_a_path(name) else path
 
 
 def missing_folder(name):
@@ -84,7 +85,8 @@ def missing_folder(name):
     if name and name != TINY and os.path.isfile(path):
         return f"{name}: a file, not a folder; pass the folder that holds its config.json"
     if name and is_a_path(name) and not os.path.isdir(path):
-        return f"{name}: no such folder (a local path; a hub repo id is NAME or OWNER/NAME)"
+        where = "" if os.path.isabs(path) else f", relative to the working directory {os.getcwd()}"
+        return f"{name}: no such folder (a local path{where}; a hub repo id is NAME or OWNER/NAME)"
     return None
 
 

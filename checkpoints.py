@@ -170,10 +170,16 @@ def rotate_checkpoints(run_dir, limit, keep, best=None):
 
 def config_differences(saved, current):
     """'field: checkpoint X, this run Y' for each SlamASRConfig field that differs. A field this run has left
-    None is filled in when the backbones load, so there is nothing to compare yet."""
+    None is filled in when the backbones load, so there is nothing to compare yet. A backbone folder named two
+    ways (relative and absolute, `./enc` and `enc`) is one backbone."""
     return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, this run {getattr(current, f.name)!r}"
             for f in fields(SlamASRConfig)
-            if getattr(current, f.name) is not None and getattr(saved, f.name) != getattr(current, f.name)]
+            if getattr(current, f.name) is not None and getattr(saved, f.name) != getattr(current, f.name)
+            and not (f.name in ("encoder", "llm") and same_folder(getattr(saved, f.name), getattr(current, f.name)))]
+
+
+def same_folder(a, b):
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 def checkpoint_step(path):

@@ -153,9 +153,9 @@ class StreamingSpeechDataset(torch.utils.data.IterableDataset):
 
 
 class FeatureCache:
-    """Encoder outputs per clip in half precision, in safetensors shards under a folder named by a hash of
-    (encoder name, a digest of its weights, sample rate, hidden size, dtypes): a cache made by another encoder,
-    by other weights saved under the same name, or with another setting is never read.
+    """Encoder outputs per clip in half precision, in safetensors shards under a folder named by the encoder
+    folder's last name and a hash of (a digest of its weights, sample rate, hidden size, dtypes): a cache made by
+    another encoder, by other weights saved under the same name, or with another setting is never read.
     Entries are named by the audio's identity (`entry_name`), never by utterance id: two manifests' `clip0.flac`
     are two entries, a rewritten file is encoded again, and two ids of one file share one entry.
     Each rank writes its own shards and then its index; a shard missing from an index is recomputed."""
@@ -166,9 +166,8 @@ class FeatureCache:
         # names this run's shards and index apart from another run's filling the same cache at the same time
         self.run = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         encoder_dtype = next(encoder.parameters()).dtype
-        # The weights, not the name, say which encoder: `/data/hubert/`, a symlink to it, or its hub name share a
-        # cache. The encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other
-        # features.
+        # The weights, not the name, say which encoder: `/data/hubert/` and `/data/hubert` share a cache. The
+        # encoder's compute dtype is part of the key: fp16 and fp32 encoders give (slightly) other features.
         self.key = dict(weights=weights_digest(encoder), sampling_rate=sampling_rate,
                         hidden_size=encoder.config.hidden_size, encoder_dtype=str(encoder_dtype).replace("torch.", ""),
                         dtype=str(dtype).replace("torch.", ""),

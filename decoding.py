@@ -14,6 +14,7 @@ import torch
 from transformers import LogitsProcessor
 
 BOUNDS_NAME = "decoding_bounds.json"
+MAX_NEW_TOKENS = 200  # tokens per hypothesis at most, where an adapter's generation_config.json says none
 MAX_NEW_TOKENS_PER_SECOND = 15.0  # read speech is 2-4 words, 3-6 Llama tokens a second: room to spare
 STOP_REPEATS = 4  # a run of 1-8 tokens repeated this often in a row (12 tokens at least) is a loop
 

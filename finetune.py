@@ -228,8 +228,9 @@ def parse_args(argv):
                              "--help lists them)")
         for name, value in values.items():  # argparse converts what it reads, never a default it is given
             problem = type_problem(value, types[name])
-            if problem:
-                raise ValueError(f"{argv[0]}: {name} is {value!r}, {problem}")
+            if problem:  # YAML reads 1e5 or 12e3 unquoted as a number
+                quote = "; quote it to keep it text" if isinstance(value, (int, float)) and "a string" in problem else ""
+                raise ValueError(f"{argv[0]}: {name} is {value!r}, {problem}{quote}")
         parser.set_defaults(**values)
         argv = argv[1:]
     config, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)

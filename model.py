@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 import inference
 from audio import MIN_AUDIO_SAMPLES, SAMPLE_RATE
 from backbones import encoder_kind, load_backbones, normalized_name
-from decoding import BOUNDS_NAME, DecodingBounds, with_overrides
+from decoding import BOUNDS_NAME, MAX_NEW_TOKENS, DecodingBounds, with_overrides
 from processor import (
     LANGUAGE_SLOT,
     PROMPT_IDS_NAME,
@@ -400,7 +400,7 @@ class SlamASR(nn.Module):
         self.register_buffer("suffix_ids", torch.tensor(ids["suffix"], dtype=torch.long), persistent=False)
         self.pad_id = self.processor.pad_id
         # decoding options (decoding.py), saved beside the adapter: the library's, and our two bounds
-        self.generation_config = GenerationConfig(max_new_tokens=200, num_beams=1, do_sample=False,
+        self.generation_config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, num_beams=1, do_sample=False,
                                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=self.pad_id)
         # The LLM's own max_length (TinyLlama's says 2048) would be merged into every generate call beside our
         # max_new_tokens, with a warning each time: ours alone bound decoding.

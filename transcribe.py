@@ -39,7 +39,7 @@ import corpus
 import inference
 from audio import DataError, audio_duration, read_audio
 from backbones import load_backbones, missing_folder, normalized_name
-from decoding import DecodingBounds, decoding_name, with_overrides
+from decoding import MAX_NEW_TOKENS, DecodingBounds, decoding_name, with_overrides
 from model import CONFIG_NAME, GENERATION_CONFIG_NAME, SlamASR, SlamASRConfig, resolve_adapter_dir
 from processor import LANGUAGE_SLOT, write_text_atomic
 from text import WER_NORMALIZERS, wer_line, word_error_rate
@@ -254,10 +254,9 @@ def load_model(args):
     """The adapter's model, with --encoder/--llm as the backbones where given and the decoding flags given."""
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else None)
     adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
-    config_path = Path(adapter) / CONFIG_NAME  # missing: load_adapter says what an adapter folder holds
-    config = SlamASRConfig.from_json_file(config_path) if config_path.is_file() else None
+    config = adapter_config(args)
     for flag in ("encoder", "llm"):  # both named folders exist, before either backbone loads
-        problem = config and not getattr(args, flag) and missing_folder(getattr(config, flag))
+        problem = not getattr(args, flag) and missing_folder(getattr(config, flag))
         if problem:
             raise OSError(f"--adapter {args.adapter} names its {flag} {problem}; pass --{flag} with where it is now")
     backbones = {}
@@ -291,11 +290,11 @@ def decoding(args, model=None):
 
 
 def decoding_identity(args):
-    """How this run decodes, as --output's lines record it: the adapter's saved options with the flags given,
-    each option that changes a hypothesis."""
+    """How this run decodes, as --output's lines record it: the adapter's saved decoding options with the flags
+    given (beams, token limits, the repeat stop; not --dtype, --chunk_seconds or other backbones)."""
     adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
     saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
-        GenerationConfig())
+        GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, num_beams=1))  # what load_adapter decodes with then
     generation_config, bounds = decoding_options(args, saved, DecodingBounds.load(adapter))
     return (f"{decoding_name(generation_config.num_beams)}, max_new_tokens {generation_config.max_new_tokens}, "
             f"max_new_tokens_per_second {bounds.max_new_tokens_per_second:g}, stop_repeats {bounds.stop_repeats}")
@@ -334,7 +333,12 @@ def write_in_input_order(path, rows, records):
 
 
 def adapter_config(args):
-    return SlamASRConfig.from_json_file(Path(resolve_adapter_dir(args.adapter, args.adapter_revision)) / CONFIG_NAME)
+    """The adapter's SlamASRConfig, read before any model loads, or one line saying the folder is no adapter."""
+    path = Path(resolve_adapter_dir(args.adapter, args.adapter_revision)) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--adapter {args.adapter}: no {CONFIG_NAME} in it, so no adapter: pass the "
+                                "output_dir of finetune.py (or a checkpoint-N in it)")
+    return SlamASRConfig.from_json_file(path)
 
 
 def scoring_language(args, model=None):

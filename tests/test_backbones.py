@@ -16,7 +16,7 @@ from conftest import (
     tiny_args,
 )
 
-from backbones import backbones_on_meta, encoder_kind
+from backbones import backbones_on_meta, encoder_kind, missing_folder, normalized_name
 from model import SlamASR, SlamASRConfig
 
 KINDS = ["wav2vec2", "wavlm", "data2vec-audio", "whisper"]
@@ -309,4 +309,8 @@ def test_a_folder_named_tiny_does_not_replace_the_tiny_backbones(tmp_path, monke
     (tmp_path / "tiny").mkdir()
     monkeypatch.chdir(tmp_path)
     assert SlamASRConfig(encoder="tiny", llm="tiny").encoder == "tiny"
+    # the folder itself, however spelled, stays a folder: never the random backbones without a word
+    assert [normalized_name(n) for n in ("tiny/", "tiny//", "x/../tiny")] == ["./tiny"] * 3
+    assert normalized_name("models/hubert/") == "./models/hubert"  # still a path when it does not exist: refused
+    assert missing_folder(normalized_name("models/hubert/")).startswith("./models/hubert: no such folder")
     assert SlamASR.from_config(SlamASRConfig(encoder="tiny", llm="tiny", adapter_hidden=8)).config.llm == "tiny"

@@ -457,3 +457,12 @@ def test_an_empty_folder_is_nothing_to_transcribe_by_name(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert transcribe.main(["--adapter", "x", str(tmp_path / "empty")]) == 1  # before any adapter is looked for
     assert f"nothing to transcribe: no audio file in {tmp_path / 'empty'}" in capsys.readouterr().err
+
+
+def test_an_adapter_folder_without_its_config_is_one_line_before_anything_loads(tmp_path):
+    (tmp_path / "not_an_adapter").mkdir()
+    args = transcribe.parse_args(["--adapter", str(tmp_path / "not_an_adapter"), "--llm", "tiny",
+                                  str(TRAIN / "1001/2001/1001-2001-0000.flac")])
+    for call in (transcribe.load_model, lambda a: transcribe.check_languages(a, [])):  # was AttributeError, errno
+        with pytest.raises(FileNotFoundError, match=f"--adapter {tmp_path / 'not_an_adapter'}: no slam_asr_config"):
+            call(args)
