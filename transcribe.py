@@ -252,7 +252,7 @@ def decoding_options(args, generation_config, bounds):
 
 def load_model(args):
     """The adapter's model, with --encoder/--llm as the backbones where given and the decoding flags given."""
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else None)
+    dtype = backbone_dtype(args)
     adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
     config = adapter_config(args)
     for flag in ("encoder", "llm"):  # both named folders exist, before either backbone loads
@@ -290,14 +290,23 @@ def decoding(args, model=None):
 
 
 def decoding_identity(args):
-    """How this run decodes, as --output's lines record it: the adapter's saved decoding options with the flags
-    given (beams, token limits, the repeat stop; not --dtype, --chunk_seconds or other backbones)."""
+    """How this run decodes, as --output's lines record it: what changes a hypothesis besides the adapter (the
+    adapter's saved decoding options with the flags given, the backbones' dtype, the window length, backbones
+    given in place of the adapter's); not --batch_size, whose batches decode as their clips alone."""
     adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
     saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
         GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, num_beams=1))  # what load_adapter decodes with then
     generation_config, bounds = decoding_options(args, saved, DecodingBounds.load(adapter))
+    given = "".join(f", --{flag} {getattr(args, flag)}" for flag in ("encoder", "llm") if getattr(args, flag))
     return (f"{decoding_name(generation_config.num_beams)}, max_new_tokens {generation_config.max_new_tokens}, "
-            f"max_new_tokens_per_second {bounds.max_new_tokens_per_second:g}, stop_repeats {bounds.stop_repeats}")
+            f"max_new_tokens_per_second {bounds.max_new_tokens_per_second:g}, stop_repeats {bounds.stop_repeats}, "
+            f"{str(backbone_dtype(args)).replace('torch.', '')}, chunk_seconds {args.chunk_seconds:g}{given}")
+
+
+def backbone_dtype(args):
+    """--dtype, or float16 on CUDA and float32 otherwise."""
+    return getattr(torch, args.dtype) if args.dtype else torch.float16 if args.device.startswith("cuda") else (
+        torch.float32)
 
 
 def clip(record, sampling_rate, max_duration=None):

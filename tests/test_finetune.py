@@ -423,6 +423,7 @@ def test_the_evaluation_each_source_gets(args, evaluates_on):
     (["--num_train_epochs", "0"], "--num_train_epochs 0"),
     (["--max_new_tokens", "0"], "--max_new_tokens 0"),
     (["--generation_num_beams", "0"], "--generation_num_beams 0"),  # was read as 1
+    (["--eval_steps", "0"], "--eval_steps 0"),  # was read as --logging_steps
     (["--max_target_tokens", "1"], "--max_target_tokens 1"),
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps 0"),
     (["--min_duration", "5", "--max_duration", "2"], "--max_duration 2 .must be > --min_duration 5"),
