@@ -56,10 +56,11 @@ def load_pretrained(what, name, fn, **kwargs):
 
 def is_a_path(name):
     """Whether `name` can only be a local path: a hub repo id is `name` or `owner/name`, never absolute, never
-    starting with a dot, never with two slashes."""
+    starting with a dot or ending with a slash, never with two slashes."""
     import os
 
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or name.endswith("/")
+            or "\\" in name)
 
 
 def normalized_name(name):

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from backbones import TINY
 from model import CONFIG_NAME, WEIGHTS_NAME, SlamASRConfig
 from processor import write_text_atomic
 
@@ -179,7 +180,8 @@ def config_differences(saved, current):
 
 
 def same_folder(a, b):
-    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    # `tiny` names the random backbones, never a folder that happens to be called so
+    return TINY not in (a, b) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 def checkpoint_step(path):

@@ -233,10 +233,11 @@ def parse_args(argv):
                 raise ValueError(f"{argv[0]}: {name} is {value!r}, {problem}{quote}")
         parser.set_defaults(**values)
         argv = argv[1:]
-    config, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    # TrainingArguments reads --eval_steps 0 as "--logging_steps", silently: refused, as every other step count 0
+    # TrainingArguments reads --eval_steps 0 as "--logging_steps", silently: refused, as every other step count 0,
+    # before its __post_init__ checks what it made of it
     if parser.parse_known_args(argv)[0].eval_steps == 0:
         raise ValueError("out of range: --eval_steps 0 (must be > 0 (below 1: a share of the run))")
+    config, model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     # what the arguments imply
     if data_args.eval_split is None and not data_args.eval_manifest and data_args.librispeech_dir:
         data_args.eval_split = "dev-clean"

@@ -239,7 +239,8 @@ def read_output(path, adapter, decoded=None):
                              "resume with that adapter, or write to another --output")
         if decoded is not None and row.get("decoding", decoded) != decoded:  # lines of before this key: as adapter
             raise SystemExit(f"{path}:{lineno} was decoded with {row['decoding']}, this run with {decoded}: resume "
-                             "with the same decoding flags, or write to another --output")
+                             "with the flags that give the same (--num_beams, --max_new_tokens, --dtype, whose default "
+                             "follows --device, --chunk_seconds, --encoder/--llm), or write to another --output")
         rows.append(row)
     return rows
 
@@ -297,10 +298,11 @@ def decoding_identity(args):
     saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
         GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, num_beams=1))  # what load_adapter decodes with then
     generation_config, bounds = decoding_options(args, saved, DecodingBounds.load(adapter))
-    given = "".join(f", --{flag} {getattr(args, flag)}" for flag in ("encoder", "llm") if getattr(args, flag))
+    given = "".join(f", --{flag} {os.path.realpath(name) if os.path.isdir(name) else name}"  # one folder, one name
+                    for flag, name in (("encoder", args.encoder), ("llm", args.llm)) if name)
     return (f"{decoding_name(generation_config.num_beams)}, max_new_tokens {generation_config.max_new_tokens}, "
             f"max_new_tokens_per_second {bounds.max_new_tokens_per_second:g}, stop_repeats {bounds.stop_repeats}, "
-            f"{str(backbone_dtype(args)).replace('torch.', '')}, chunk_seconds {args.chunk_seconds:g}{given}")
+            f"dtype {str(backbone_dtype(args)).replace('torch.', '')}, chunk_seconds {args.chunk_seconds:g}{given}")
 
 
 def backbone_dtype(args):

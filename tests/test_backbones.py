@@ -313,4 +313,7 @@ def test_a_folder_named_tiny_does_not_replace_the_tiny_backbones(tmp_path, monke
     assert [normalized_name(n) for n in ("tiny/", "tiny//", "x/../tiny")] == ["./tiny"] * 3
     assert normalized_name("models/hubert/") == "./models/hubert"  # still a path when it does not exist: refused
     assert missing_folder(normalized_name("models/hubert/")).startswith("./models/hubert: no such folder")
+    assert missing_folder(normalized_name("enc/")).startswith("./enc: no such folder")  # not `hf download enc/`
+    from checkpoints import same_folder
+    assert not same_folder("tiny", "./tiny") and same_folder("./tiny", str(tmp_path / "tiny"))  # resume: not one
     assert SlamASR.from_config(SlamASRConfig(encoder="tiny", llm="tiny", adapter_hidden=8)).config.llm == "tiny"

@@ -279,10 +279,11 @@ def test_a_five_minute_file_is_one_line_of_its_windows_joined(adapter_dir, five_
 def test_max_duration_refuses_a_long_file(adapter_dir, five_minutes, tmp_path, capsys):
     path = five_minutes[0]
     out = tmp_path / "o.jsonl"
-    code, err = run(["--adapter", str(adapter_dir), str(path), "--max_duration", "60", "--output", str(out)], capsys)
+    code, err = run(["--adapter", str(adapter_dir), str(path), "--max_duration", "60", "--output", str(out),
+                     "--device", "cpu"], capsys)
     assert code == 1 and "0 of 1 inputs; 1 failed" in err
     assert read_lines(out) == [{"path": str(path), "adapter": str(adapter_dir), "decoding": "greedy, max_new_tokens "
-                                "200, max_new_tokens_per_second 15, stop_repeats 4, float32, chunk_seconds 30",
+                                "200, max_new_tokens_per_second 15, stop_repeats 4, dtype float32, chunk_seconds 30",
                                 "error": "300.0 s is longer than --max_duration 60 s"}]
 
 
@@ -373,7 +374,7 @@ def test_resume_knows_inputs_by_resolved_path_and_place_and_refuses_another_adap
     assert code == 0 and "2 of 2 inputs to go" not in err and len(read_lines(out)) == 3  # nothing decoded again
     # lines decoded otherwise would be mixed in and scored under this run's decoding: refused
     for other, shown in ((["--num_beams", "3"], "beam search, 3 beams, max_new_tokens 8"),
-                         (["--dtype", "bfloat16"], "bfloat16"), (["--chunk_seconds", "20"], "chunk_seconds 20"),
+                         (["--dtype", "bfloat16"], "dtype bfloat16"), (["--chunk_seconds", "20"], "chunk_seconds 20"),
                          (["--llm", "tiny"], "--llm tiny")):
         with pytest.raises(SystemExit, match=rf"was decoded with greedy, max_new_tokens 8, .* this run with .*{shown}"):
             transcribe.main(["--adapter", str(adapter_dir), "clips", "--output", str(out), "--resume",
