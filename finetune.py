@@ -40,7 +40,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 import corpus
 import estimate
-from backbones import backbones_on_meta, load_tokenizer, missing_folder
+from backbones import TINY, backbones_on_meta, is_a_path, load_tokenizer, missing_folder
 from batching import DurationBatchSampler, SpeechCollator, padding_fraction
 from checkpoints import checkpoint_step, hold_output_dir, resolve_resume
 from dataset import (
@@ -895,6 +895,13 @@ def hub_folder(model, training_args, data_args, steps, eval_metrics):
     return folder
 
 
+def hub_base_models(config):
+    """The backbones a model card's base_model lists: the hub checks them against its repos, and a local folder
+    or `tiny` is none of them."""
+    return [name for name in (config.encoder, config.llm)
+            if name != TINY and not is_a_path(name) and not os.path.isdir(name)]
+
+
 def model_card(model, training_args, data_args, steps, eval_metrics):
     """The published adapter's README.md: what it is, how it was trained and scored, how to load it."""
     c, d, t = model.config, data_args, training_args
@@ -916,6 +923,8 @@ def model_card(model, training_args, data_args, steps, eval_metrics):
     else:
         scored = "Not evaluated during training."
     datasets = f"datasets:\n- {d.dataset_name}\n" if d.dataset_name else ""
+    hub_names = hub_base_models(c)
+    base_model = "base_model:\n" + "".join(f"- {name}\n" for name in hub_names) if hub_names else ""
     language = (f"each clip's own, of {', '.join(c.languages)} (the prompt's {{language}}; "
                 f"{c.language or 'none'} for clips that name none)" if c.languages else
                 f"{c.language} (the prompt's {{language}})" if c.language else "none named (LibriSpeech's prompt)")
@@ -923,10 +932,7 @@ def model_card(model, training_args, data_args, steps, eval_metrics):
 tags:
 - automatic-speech-recognition
 - slam-asr
-base_model:
-- {c.encoder}
-- {c.llm}
-{datasets}---
+{base_model}{datasets}---
 
 # {t.hub_model_id}{f" (revision `{t.hub_revision}`)" if t.hub_revision else ""}
 
