@@ -18,6 +18,7 @@ What the toy is, honestly: tests/fixtures/world/README.md.
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -179,15 +180,36 @@ def main(argv=None):
     p.add_argument("--num_clips", type=int, default=5, help="with --adapter: LibriSpeech test-clean clips")
     p.add_argument("--device", default=None, help="with --adapter: cuda or cpu (default: cuda where there is one)")
     args = p.parse_args(argv)
+    # every mistake found here, in a second, before any model loads or any step trains
     if (args.audio or args.device) and not args.adapter:
         p.error("--audio and --device go with --adapter (the real backbones); the world runs on the CPU")
-    if args.steps < 1 or args.eval_steps < 1 or args.num_clips < 1:
-        p.error("--steps, --eval_steps and --num_clips must be at least 1")
+    given = [f"--{name}" for name in ("steps", "eval_steps", "workdir", "results")
+             if getattr(args, name) != p.get_default(name)]
+    if given and not args.train:
+        p.error(f"{', '.join(given)} go with --train")
+    for name in ("steps", "eval_steps", "num_clips"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        p.error(f"--workdir {args.workdir}: a file, not a folder")
+    if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
+        p.error(f"--results {args.results}: the folder {os.path.dirname(os.path.abspath(args.results))} does not "
+                "exist; create it first (the table is written after minutes of training)")
+    for audio in args.audio or []:
+        if not os.path.isfile(audio):
+            p.error(f"--audio {audio}: no such file")
     if args.adapter:
         import torch
 
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        real_demo(args)
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+            p.error(f"--device {args.device}: cuda or cpu")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
+        try:
+            real_demo(args)
+        except (OSError, ValueError) as e:  # a user's adapter, audio or network: one line
+            p.exit(2, f"proof_of_concept.py: error: {' '.join(str(e).split())}\n")
         return 0
     if not args.train:
         world_demo(WORLD / "adapter")

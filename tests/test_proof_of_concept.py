@@ -94,3 +94,21 @@ def test_the_demo_transcribes_the_unseen_splits_with_its_committed_adapter(tmp_p
     # the committed adapter, measured in the world README: 9.57% and 18.73%; the targets bound it here
     assert len(wers) == 2 and wers[0] <= 15 and wers[1] <= 25, out.stdout[-2000:]
     assert out.stdout.count("REF: ") == 6
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--train", "--steps", "1", "--results", "/nonexistent/dir/r.json"], "the folder /nonexistent/dir does not exist"),
+    (["--results", "r.json"], "--results go with --train"),  # was the plain demo, and no r.json, without a word
+    (["--steps", "5"], "--steps go with --train"),
+    (["--train", "--workdir", "README.md"], "--workdir README.md: a file, not a folder"),
+    (["--adapter", "tests/fixtures/world/adapter", "--device", "cdua"], "--device cdua: cuda or cpu"),
+    (["--adapter", "tests/fixtures/world/adapter", "--audio", "/nonexistent.wav"], "--audio /nonexistent.wav: no such"),
+    (["--adapter", "/nonexistent"], "/nonexistent is neither an adapter folder nor a hub repo id"),
+])
+def test_a_users_mistake_is_one_line_before_anything_trains(args, refusal, capsys, monkeypatch):
+    # were tracebacks, some after loading the backbones, one after both training runs (the --results path)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(proof_of_concept, "train_demo", lambda *a: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as e:
+        proof_of_concept.main(args)
+    assert e.value.code == 2 and refusal in capsys.readouterr().err
