@@ -256,6 +256,17 @@ def parse_args(argv=None):
     args.device = args.device or ("cuda" if args.gpu_suite or torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here; pass --device cpu")
+    for name in ("batch_size", "steps", "clips", "epochs"):  # counts: 0 would divide by zero or mean the default
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.warmup < 0:
+        p.error(f"--warmup must be at least 0 (got {args.warmup})")
+    known = set(p.get_default("configs").split(","))
+    if set(args.configs.split(",")) - known:
+        p.error(f"--configs: unknown {', '.join(sorted(set(args.configs.split(',')) - known))}; choose from "
+                f"{p.get_default('configs')}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):  # found after the runs
+        p.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     if args.clip_seconds is not None and not 0 < args.clip_seconds <= 30:
         p.error(f"--clip_seconds must be above 0 and at most 30, the recipe's --max_duration "
                 f"(got {args.clip_seconds:g})")

@@ -135,3 +135,16 @@ def test_gpu_suite_arguments_are_refused_before_anything_runs(tmp_path, capsys):
             bench.main(["--gpu_suite", "--device", "cpu", *argv])
         assert message in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be at least 1"),  # was a ZeroDivisionError after the runs
+    (["--batch_size", "0"], "--batch_size must be at least 1"),  # was read as the default, 8
+    (["--configs", "naive,bogus"], "--configs: unknown bogus; choose from"),  # was a KeyError
+    (["--json", "/nonexistent/x.json"], "--json /nonexistent/x.json: the folder /nonexistent does not exist"),
+])
+def test_bench_arguments_are_refused_before_anything_runs(argv, message, capsys):
+    import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--size", "tiny", "--device", "cpu", *argv])
+    assert message in capsys.readouterr().err.splitlines()[-1]
