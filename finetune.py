@@ -190,8 +190,8 @@ def arguments(argv):
     """The run's arguments, parsed, checked and fitted to the device: what main() starts from."""
     config, model_args, data_args, training_args = parse_args(argv)
     for flag in ("encoder", "llm"):
-        if missing_folder(getattr(config, flag)):
-            raise FileNotFoundError(f"--{flag} {missing_folder(getattr(config, flag))}")
+        if problem := missing_folder(getattr(config, flag)):
+            raise FileNotFoundError(f"--{flag} {problem}")
     validate_args(data_args, training_args)
     apply_device_defaults(training_args)
     return config, model_args, data_args, training_args
@@ -770,9 +770,9 @@ def check_data_sources(data_args):
             corpus.index_librispeech(data_args.librispeech_dir, split, report)
     read = {}
     for flag, manifest in (("train_manifest", data_args.train_manifest), ("eval_manifest", data_args.eval_manifest)):
-        if manifest and corpus.listing_problem(manifest):
-            raise FileNotFoundError(f"--{flag} {manifest}: {corpus.listing_problem(manifest)}; pass a JSON-lines file, "
-                                    "one {\"audio\": path, \"text\": ...} per line")
+        if manifest and (problem := corpus.listing_problem(manifest)):
+            raise FileNotFoundError(f"--{flag} {manifest}: {problem}; pass a JSON-lines file, one {{\"audio\": path, "
+                                    "\"text\": ...} per line")
         if manifest:
             read[flag] = corpus.read_manifest(manifest, report)
             if not read[flag]:

@@ -182,7 +182,7 @@ class SlamASRConfig:
         for name in ("encoder", "llm"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name} is empty: name a hub repo, a local folder, or 'tiny'")
-            # as typed, so that a run resumes from a copied or moved work tree, in one spelling: `enc/` is `enc`
+            # as typed, so that a run resumes from a copied or moved work tree, in one spelling (`enc//` is `./enc`)
             setattr(self, name, normalized_name(getattr(self, name)))
         count = 1 if self.prompt_template is None else self.prompt_template.count(SPEECH_PLACEHOLDER)
         if count != 1:

@@ -130,8 +130,8 @@ def parse_args(argv=None):
 
     def check_file(flag):
         path = getattr(args, flag)
-        if path and corpus.listing_problem(path):
-            p.error(f"--{flag} {path}: {corpus.listing_problem(path)}")
+        if path and (problem := corpus.listing_problem(path)):
+            p.error(f"--{flag} {path}: {problem}")
 
     if args.rescore:
         given = [f"--{name}" for name in ("adapter", "output", "manifest", "librispeech_dir", "resume", "overwrite")
@@ -148,8 +148,8 @@ def parse_args(argv=None):
         p.error("give audio files or folders, --manifest, or --librispeech_dir")
     check_file("manifest")
     for flag in ("encoder", "llm"):
-        if missing_folder(getattr(args, flag)):
-            p.error(f"--{flag} {missing_folder(getattr(args, flag))}")
+        if problem := missing_folder(getattr(args, flag)):
+            p.error(f"--{flag} {problem}")
         if getattr(args, flag):
             setattr(args, flag, normalized_name(getattr(args, flag)))
     if args.batch_size < 1:
@@ -255,7 +255,7 @@ def load_model(args):
     """The adapter's model, with --encoder/--llm as the backbones where given and the decoding flags given."""
     dtype = backbone_dtype(args)
     adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
-    config = adapter_config(args)
+    config = adapter_config(args, adapter)
     for flag in ("encoder", "llm"):  # both named folders exist, before either backbone loads
         problem = not getattr(args, flag) and missing_folder(getattr(config, flag))
         if problem:
@@ -280,24 +280,24 @@ def load_model(args):
 def decoding(args, model=None):
     """How the WER was decoded, for the line that reports it: the model's options, or where every line was there
     already (--resume), the adapter's saved ones with the flags given."""
-    if model is None:
-        adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
-        saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
-            GenerationConfig())
-        generation_config, _ = decoding_options(args, saved, DecodingBounds())
-    else:
-        generation_config = model.generation_config
+    generation_config = saved_decoding(args)[0] if model is None else model.generation_config
     return decoding_name(generation_config.num_beams)
+
+
+def saved_decoding(args):
+    """(GenerationConfig, DecodingBounds) the adapter decodes with, read from its folder without loading it: its
+    saved options (load_adapter's defaults where it saved none) with the flags given."""
+    adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
+    saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
+        GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, num_beams=1))
+    return decoding_options(args, saved, DecodingBounds.load(adapter))
 
 
 def decoding_identity(args):
     """How this run decodes, as --output's lines record it: what changes a hypothesis besides the adapter (the
     adapter's saved decoding options with the flags given, the backbones' dtype, the window length, backbones
     given in place of the adapter's); not --batch_size, whose batches decode as their clips alone."""
-    adapter = resolve_adapter_dir(args.adapter, args.adapter_revision)
-    saved = GenerationConfig.from_pretrained(adapter) if (Path(adapter) / GENERATION_CONFIG_NAME).is_file() else (
-        GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, num_beams=1))  # what load_adapter decodes with then
-    generation_config, bounds = decoding_options(args, saved, DecodingBounds.load(adapter))
+    generation_config, bounds = saved_decoding(args)
     given = "".join(f", --{flag} {os.path.realpath(name) if os.path.isdir(name) else name}"  # one folder, one name
                     for flag, name in (("encoder", args.encoder), ("llm", args.llm)) if name)
     return (f"{decoding_name(generation_config.num_beams)}, max_new_tokens {generation_config.max_new_tokens}, "
@@ -343,9 +343,10 @@ def write_in_input_order(path, rows, records):
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def adapter_config(args):
-    """The adapter's SlamASRConfig, read before any model loads, or one line saying the folder is no adapter."""
-    path = Path(resolve_adapter_dir(args.adapter, args.adapter_revision)) / CONFIG_NAME
+def adapter_config(args, folder=None):
+    """The adapter's SlamASRConfig (from `folder`, its resolved folder, where the caller has it), read before any
+    model loads, or one line saying the folder is no adapter."""
+    path = Path(folder or resolve_adapter_dir(args.adapter, args.adapter_revision)) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--adapter {args.adapter}: no {CONFIG_NAME} in it, so no adapter: pass the "
                                 "output_dir of finetune.py (or a checkpoint-N in it)")
